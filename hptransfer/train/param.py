@@ -1,0 +1,168 @@
+"""The parameterization table: the one place that knows what each preset does.
+
+Every preset is, per parameter class X (E embedding, H hidden matrix, R readout,
+V vector-like), the exponents of SCIENCE.md's abc table: forward multiplier
+m^(-a), init std sigma * m^(-b), learning rate eta * gamma * m^(-c), Adam epsilon
+eps * m^(-g); plus depth scaling (CompleteP / depth-muP) with exponent alpha.
+`tensor_specs` turns a config and the model's parameter shapes into one
+`TensorSpec` per tensor; the model and the optimizer read those and nothing else.
+"""
+
+import re
+from dataclasses import dataclass, replace
+
+from omegaconf import DictConfig
+
+CLASSES = ("E", "H", "R", "V")
+
+
+@dataclass(frozen=True)
+class ABC:
+    """Width exponents of one class: multiplier m^-a, init m^-b, LR m^-c (c_none: no alignment), eps m^-g."""
+
+    a: float
+    b: float
+    c: float
+    g: float
+    c_none: float | None = None  # LR exponent under param.alignment=none (None: same as c)
+
+    def shifted(self, t: float) -> "ABC":
+        """The abc symmetry for Adam: a+t, b-t, c-t (and eps scales with the gradient, g+t)."""
+        c_none = None if self.c_none is None else self.c_none - t
+        return ABC(self.a + t, self.b - t, self.c - t, self.g + t, c_none)
+
+
+@dataclass(frozen=True)
+class Preset:
+    E: ABC
+    H: ABC
+    R: ABC
+    depth_alpha: float = 0.0     # residual branches x mL^-alpha (0: no depth scaling)
+    mup_attention: bool = False  # attention logits scale 1/d_head (as sqrt(d_head_base)/d_head)
+
+
+_V = ABC(0, 0, 0, 0)  # V never scales with width
+_SP = Preset(E=ABC(0, 0, 0, 0.5), H=ABC(0, 0.5, 0, 0.5), R=ABC(0, 0.5, 0, 0))
+_MUP_EVERETT = Preset(
+    E=ABC(-0.5, 0.5, 0.5, 0.5),
+    H=ABC(0, 0.5, 1, 1, c_none=0.5),
+    R=ABC(0.5, 0.5, 0.5, 0.5, c_none=0),
+    mup_attention=True,
+)
+# microsoft/mup's form: mup_everett moved by the symmetry with t = 1/2 on E and R, 0 on H.
+_MUP = replace(_MUP_EVERETT, E=_MUP_EVERETT.E.shifted(0.5), R=_MUP_EVERETT.R.shifted(0.5))
+
+# SCIENCE.md's abc table, row for row.
+PRESETS: dict[str, Preset] = {
+    "sp": _SP,
+    "sp_emb": replace(_SP, E=ABC(0, 0, -1, 0.5)),
+    "sp_perlayer": replace(_SP, H=ABC(0, 0.5, 1, 0.5, c_none=0.5), R=ABC(0, 0.5, 1, 0, c_none=0.5)),
+    "ntk": Preset(E=ABC(0, 0, 0, 0.5), H=ABC(0.5, 0, 0.5, 1, c_none=0), R=ABC(0.5, 0, 0.5, 0.5, c_none=0)),
+    "mfp": Preset(E=ABC(0, 0, 0, 1), H=ABC(0.5, 0, 0.5, 1.5, c_none=0), R=ABC(1, 0, 0, 1, c_none=-0.5)),
+    "mup_everett": _MUP_EVERETT,
+    "mup": _MUP,
+    "completep": replace(_MUP, depth_alpha=1.0),
+    "depth_mup": replace(_MUP, depth_alpha=0.5),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the parameterization decides for one parameter tensor."""
+
+    name: str
+    cls: str            # E | H | R | V
+    shape: tuple[int, ...]
+    width_mult: float   # m: fan_in ratio (H, R) or width ratio (E); 1 for V
+    init_std: float | None  # None: V (gains are ones, biases zeros)
+    fwd_mult: float     # forward multiplier on this tensor's output
+    lr: float           # base (peak) learning rate of this tensor
+    weight_decay: float  # decay coefficient as the optimizer applies it (see wd_mode)
+    eps: float          # Adam epsilon
+
+
+def classify(name: str, shape: tuple[int, ...]) -> str:
+    """Parameter class from the model's naming: embeddings E, readout R, 1-D V, other matrices H."""
+    if name.endswith("_emb.weight"):
+        return "E"
+    if name.startswith("lm_head."):
+        return "R"
+    return "V" if len(shape) == 1 else "H"
+
+
+def _base_name(name: str) -> str:
+    """Block i's tensor is compared with block 0's of the base model (depth changes the count)."""
+    return re.sub(r"^blocks\.\d+\.", "blocks.0.", name)
+
+
+def depth_alpha(cfg: DictConfig) -> float:
+    p = cfg.param
+    return PRESETS[p.name].depth_alpha if p.depth_alpha is None else float(p.depth_alpha)
+
+
+def residual_mult(cfg: DictConfig) -> float:
+    """Every residual branch is added as x + mL^-alpha * branch(norm(x))."""
+    return (cfg.model.n_layers / cfg.param.base_depth) ** -depth_alpha(cfg)
+
+
+def uses_mup_attention(cfg: DictConfig) -> bool:
+    scale = cfg.model.attn_scale
+    return scale == "inv" or (scale == "auto" and PRESETS[cfg.param.name].mup_attention)
+
+
+def tensor_specs(
+    cfg: DictConfig, shapes: dict[str, tuple[int, ...]], base_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, TensorSpec]:
+    """One TensorSpec per parameter, from the config and the model's shapes at target and base size."""
+    p, o = cfg.param, cfg.optim
+    preset = PRESETS[p.name]
+    alpha = depth_alpha(cfg)
+    m_depth = cfg.model.n_layers / p.base_depth
+    specs = {}
+    for name, shape in shapes.items():
+        cls = classify(name, shape)
+        base = base_shapes[_base_name(name)]
+        if cls == "V":
+            abc, m = _V, 1.0
+        else:
+            abc = getattr(preset, cls)
+            # Weights are (out, in) and embeddings (rows, width): dim 1 is the fan-in of H and R
+            # and the width of E, the dimension whose growth each rule is stated against.
+            m = shape[1] / base[1]
+        c = abc.c_none if (p.alignment == "none" and abc.c_none is not None) else abc.c
+        b = 0.0 if cfg.init.scheme == "constant" else abc.b
+        hidden = name.startswith("blocks.")
+        lr = o.lr * p.lr_mult[cls] * m ** (-c)
+        eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
+        # alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule
+        # (which would give hidden LRs 1/mL): SP stays SP when deeper.
+        if alpha > 0 and (cls == "H" or (cls == "V" and hidden)):
+            lr *= m_depth ** (alpha - 1)
+        if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
+            eps *= m_depth ** (-alpha)
+        if cls == "V":
+            init_std = None
+        elif (cls == "R" and p.zero_readout) or (p.zero_query and name.endswith("attn.q.weight")):
+            init_std = 0.0
+        else:
+            init_std = cfg.init.std * p.init_mult[cls] * m ** (-b)
+        specs[name] = TensorSpec(
+            name=name,
+            cls=cls,
+            shape=tuple(shape),
+            width_mult=m,
+            init_std=init_std,
+            fwd_mult=p.out_mult.get(cls, 1.0) * m ** (-abc.a),
+            lr=lr,
+            weight_decay=_weight_decay(cfg, cls, m, c),
+            eps=eps,
+        )
+    return specs
+
+
+def _weight_decay(cfg: DictConfig, cls: str, m: float, c: float) -> float:
+    """Decay on H and R (E only if asked, V never); `scaled` keeps lr * lam width-constant."""
+    o = cfg.optim
+    if cls == "V" or (cls == "E" and not o.wd_on_embeddings):
+        return 0.0
+    return o.weight_decay * m**c if o.wd_mode == "scaled" else o.weight_decay
