@@ -306,3 +306,18 @@ def load_yaml(path: Path) -> DictConfig:
     except Exception as err:
         raise HptError(f"cannot read {path}: {_hydra_message(err)}") from None
     return validate(raw)
+
+
+def run_config(cfg: DictConfig) -> DictConfig:
+    """The run's identity: the resolved run-schema keys, without launcher settings or sweep blocks."""
+    keys = [k for k in RunConfig.__dataclass_fields__ if k != "launcher"]
+    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys})
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Stable short hash of the resolved run config (launcher excluded): same point, same id."""
+    import hashlib
+    import json
+
+    canon = json.dumps(OmegaConf.to_container(run_config(cfg)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:12]
