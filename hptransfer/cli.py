@@ -21,6 +21,11 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+@app.callback()
+def _root() -> None:
+    """Keeps `hpt` a command group even while it has a single command."""
+
+
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="Hydra overrides, e.g. model.width=256 param=mup optim.lr=0.01", show_default=False),

@@ -1,0 +1,273 @@
+"""One training run into one run folder: config.yaml, metrics.jsonl, heartbeat.json, result.json.
+
+A diverged run is a result (status `diverged`), an exception is a result (`failed`, with the
+traceback); result.json is written once, atomically. Periodic checkpoints let a requeued job
+resume where it stopped, seeing the same batches (they depend on seed and step only).
+"""
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+import hptransfer
+from hptransfer.config import load_yaml, run_id, steps_of, to_yaml
+from hptransfer.errors import HptError
+from hptransfer.io import write_atomic, write_json_atomic
+from hptransfer.train.data import Batches, make_batches
+from hptransfer.train.model import build
+from hptransfer.train.optim import build_optimizer, lr_factor, set_lr
+from hptransfer.train.rules import apply_rules
+
+FLOPS_FORMULA = "6 * N * tokens + 12 * n_layers * width * seq_len * tokens (N: parameters except embeddings)"
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    return Path(os.environ.get("HPT_ROOT", "runs")) / "train" / run_id(cfg)
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise HptError("config key 'train.device': cuda requested but no GPU is visible")
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def precision(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype or None): auto = bf16 autocast on CUDA, fp32 on CPU."""
+    d = cfg.train.dtype
+    if d == "float64":
+        return torch.float64, None
+    if d == "bfloat16" or (d == "auto" and device.type == "cuda"):
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    pkg = Path(hptransfer.__file__).resolve().parent.parent
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "hptransfer": hptransfer.__version__,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "git_commit": None,
+        "git_dirty": None,
+    }
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(pkg), *a], capture_output=True, text=True, timeout=5)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode == 0:
+            env["git_commit"] = head.stdout.strip()
+            env["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, n: int, device: torch.device,
+             autocast: torch.dtype | None) -> float:
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for x, y in batches.val_batches(n, device):
+        with _autocast(device, autocast):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).double()
+    model.train()
+    return float(total / n)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def run_folder(run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+    """What a job runs: train the frozen config in `run_dir/config.yaml`. Never raises for a bad run."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = load_yaml(run_dir / "config.yaml")
+    except HptError as err:
+        return _write_failed(run_dir, None, err, sweep=run_dir.parent.name)
+    return run_training(cfg, run_dir, progress=progress, sweep=run_dir.parent.name, raise_bad_input=False)
+
+
+def _write_failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, sweep: str | None) -> dict:
+    result = {
+        "run_id": run_id(cfg) if cfg is not None else run_dir.name,
+        "sweep": sweep,
+        "status": "failed",
+        "error": f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err))}",
+        "final_train_loss": None,
+        "final_val_loss": None,
+        "diverged_at_step": None,
+        "env": environment(torch.device("cpu")),
+    }
+    write_json_atomic(run_dir / "result.json", result)
+    return result
+
+
+def run_training(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep: str | None = None,
+                 raise_bad_input: bool = True) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` and return the result record (also written to result.json).
+
+    A finished folder is never trained again: its result is returned as it is.
+    """
+    run_dir = Path(run_dir)
+    rid = run_id(cfg)
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    frozen = run_dir / "config.yaml"
+    if frozen.exists():
+        if run_id(load_yaml(frozen)) != rid:
+            raise HptError(f"{run_dir} holds a different run's config.yaml: choose another --run-dir")
+    else:
+        write_atomic(frozen, to_yaml(cfg))
+    try:
+        return _train(cfg, run_dir, rid, progress=progress, sweep=sweep)
+    except HptError as err:
+        if raise_bad_input:
+            raise
+        return _write_failed(run_dir, cfg, err, sweep)
+    except Exception as err:  # a crash in training is a result, with its traceback
+        return _write_failed(run_dir, cfg, err, sweep)
+
+
+def _train(cfg: DictConfig, run_dir: Path, rid: str, *, progress: bool, sweep: str | None) -> dict[str, Any]:
+    t_start = time.time()
+    device = pick_device(cfg)
+    param_dtype, autocast = precision(cfg, device)
+    batches = make_batches(cfg)
+    eff, effective = apply_rules(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model, specs = build(eff)
+    model.to(device=device, dtype=param_dtype)
+    opt = build_optimizer(model, specs, eff)
+    total = steps_of(cfg)
+    step0, losses, initial = 0, [], None
+    ckpt = run_dir / "checkpoint.pt"
+    metrics = run_dir / "metrics.jsonl"
+    if ckpt.exists():  # resume after requeue: same model, optimizer, and step
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step0, losses, initial = state["step"], state["losses"], state["initial"]
+    # The loss curve on disk holds exactly the steps before step0 (a killed attempt may have logged more).
+    write_atomic(metrics, "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    fwd = torch.compile(model) if cfg.train.compile else model
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    pending: list[torch.Tensor] = []  # losses still on the device: read back only at log steps
+    status, diverged_at = "completed", None
+    t_train = time.time()
+    bar = _progress(progress)
+    step, last_ckpt = step0, step0
+    with bar or nullcontext():
+        task = bar.add_task("train", total=total, completed=step0, loss=float("nan"), tps=0.0) if bar else None
+        for step in range(step0, total):
+            set_lr(opt, lr_factor(step, total, eff))
+            x, y = batches.train_batch(step, device)
+            with _autocast(device, autocast):
+                logits = fwd(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+            if eff.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), eff.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pending.append(loss.detach())
+            last = step == total - 1
+            if (step + 1) % cfg.train.log_every and not last:
+                continue
+            new = torch.stack(pending).double().tolist()
+            first = step + 1 - len(new)
+            pending.clear()
+            losses.extend(new)
+            initial = new[0] if initial is None else initial
+            with metrics.open("a") as f:
+                f.writelines(json.dumps({"step": first + i, "loss": v if math.isfinite(v) else None}) + "\n"
+                             for i, v in enumerate(new))
+            bad = [i for i, v in enumerate(new) if not math.isfinite(v) or v > cfg.train.diverge_factor * initial]
+            elapsed = time.time() - t_train
+            tps = (step + 1 - step0) * tokens_per_step / max(elapsed, 1e-9)
+            write_json_atomic(run_dir / "heartbeat.json", {"pid": os.getpid(), "host": socket.gethostname(),
+                                                           "step": step + 1, "time": time.time()})
+            if bar:
+                bar.update(task, completed=step + 1, loss=new[-1], tps=tps)
+            if bad:
+                status, diverged_at = "diverged", first + bad[0]
+                break
+            every = cfg.train.checkpoint_every
+            if every and step + 1 - last_ckpt >= every and not last:  # only at log steps: losses are complete
+                _save_checkpoint(ckpt, model, opt, step + 1, losses, initial)
+                last_ckpt = step + 1
+    steps_done = step + 1
+    train_s = time.time() - t_train
+    val = evaluate(model, batches, cfg.train.val_batches, device, autocast) if status == "completed" else None
+    window = losses[: len(losses) if diverged_at is None else diverged_at][-cfg.train.final_window :]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_emb = sum(p.numel() for n, p in model.named_parameters() if specs[n].cls == "E")
+    tokens = steps_done * tokens_per_step
+    d = model.dims
+    result = {
+        "run_id": rid,
+        "sweep": sweep,
+        "status": status,
+        "final_train_loss": _finite_or_none(sum(window) / len(window)) if window else None,
+        "final_val_loss": _finite_or_none(val),
+        "steps": steps_done,
+        "tokens": tokens,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "n_params": n_params,
+        "n_params_non_embedding": n_params - n_emb,
+        "flops": 6 * (n_params - n_emb) * tokens + 12 * d.n_layers * d.width * cfg.train.seq_len * tokens,
+        "flops_formula": FLOPS_FORMULA,
+        "wall_s": time.time() - t_start,
+        "tokens_per_s": (steps_done - step0) * tokens_per_step / max(train_s, 1e-9),
+        "diverged_at_step": diverged_at,
+        "initial_loss": _finite_or_none(initial),
+        "effective": effective,
+        "env": environment(device),
+    }
+    if val is not None:
+        with metrics.open("a") as f:
+            f.write(json.dumps({"step": steps_done, "val_loss": result["final_val_loss"]}) + "\n")
+    write_json_atomic(run_dir / "result.json", result)
+    ckpt.unlink(missing_ok=True)
+    return result
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                     losses: list[float], initial: float | None) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
+                "initial": initial}, tmp)
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool):  # noqa: ANN202
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(), transient=False,
+    )
