@@ -27,7 +27,6 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check hptransfer tests bench
-	$(BIN)/ruff format --check hptransfer tests bench
 
 demo: install
 	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml
