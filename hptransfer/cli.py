@@ -52,15 +52,51 @@ def train(
     cfg = compose_run(overrides)
     folder = run_dir or default_run_dir(cfg)
     result = run_training(cfg, folder, progress=not quiet)
-    loss = result.get("final_val_loss")
-    console.print(
-        f"[bold]{result['status']}[/bold] run {result['run_id']} in {folder}: "
-        f"final val loss {loss if loss is None else f'{loss:.4f}'}, "
-        f"train loss {result['final_train_loss']:.4f}, {result['steps']} steps, {result['wall_s']:.1f} s"
-    )
     if result["status"] == "failed":
+        err_console.print(result["error"].rstrip(), highlight=False)
         raise typer.Exit(1)
 
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    console.print(
+        f"[bold]{result['status']}[/bold] run {result['run_id']} in {folder}: "
+        f"val loss {fmt(result['final_val_loss'])}, train loss {fmt(result['final_train_loss'])}, "
+        f"{result['steps']} steps, {result['wall_s']:.1f} s", highlight=False,
+    )
+
+
+@app.command()
+def params(
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show what the parameterization does to every parameter tensor.
+
+    One row per tensor: shape, class (E embedding, H hidden, R readout, V vector-like),
+    width multiplier m, init std, forward multiplier, learning rate, weight decay, Adam epsilon.
+    Example: hpt params param=mup model.width=512 param.base_width=128
+    """
+    import dataclasses
+    import json
+
+    from hptransfer.config import compose_run
+    from hptransfer.train.model import param_specs
+
+    specs = param_specs(compose_run(overrides))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(s) for s in specs.values()], indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps",
+                  box=None, header_style="bold")
+    for s in specs.values():
+        std = "ones" if s.init_std is None else f"{s.init_std:.4g}"
+        table.add_row(s.name, "x".join(map(str, s.shape)), s.cls, f"{s.width_mult:g}", std, f"{s.fwd_mult:.4g}",
+                      f"{s.lr:.4g}", f"{s.weight_decay:.4g}", f"{s.eps:.3g}")
+    # Piped output gets a wide console: tensor names must not be cut.
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""

@@ -162,8 +162,8 @@ SCHEMA = OmegaConf.structured(RunConfig)
 def _hydra_message(err: Exception) -> str:
     """Hydra and OmegaConf errors span several lines; keep the lines that name the problem."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type"))]
-    return " ".join(keep[:2]) or type(err).__name__
+    keep = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type", "Traceback"))]
+    return " ".join(keep).split(" Config search path:")[0][:400] or type(err).__name__
 
 
 def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:

@@ -134,26 +134,27 @@ def run_training(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep
     if done.exists():
         return json.loads(done.read_text())
     frozen = run_dir / "config.yaml"
-    if frozen.exists():
-        if run_id(load_yaml(frozen)) != rid:
-            raise HptError(f"{run_dir} holds a different run's config.yaml: choose another --run-dir")
-    else:
-        write_atomic(frozen, to_yaml(cfg))
+    if frozen.exists() and run_id(load_yaml(frozen)) != rid:
+        raise HptError(f"{run_dir} holds a different run's config.yaml: choose another --run-dir")
     try:
-        return _train(cfg, run_dir, rid, progress=progress, sweep=sweep)
+        # Bad input (missing data, no GPU) is found before anything is written for `hpt train`.
+        batches, device = make_batches(cfg), pick_device(cfg)
     except HptError as err:
         if raise_bad_input:
             raise
         return _write_failed(run_dir, cfg, err, sweep)
+    if not frozen.exists():
+        write_atomic(frozen, to_yaml(cfg))
+    try:
+        return _train(cfg, run_dir, rid, batches, device, progress=progress, sweep=sweep)
     except Exception as err:  # a crash in training is a result, with its traceback
         return _write_failed(run_dir, cfg, err, sweep)
 
 
-def _train(cfg: DictConfig, run_dir: Path, rid: str, *, progress: bool, sweep: str | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, *, progress: bool,
+           sweep: str | None) -> dict[str, Any]:
     t_start = time.time()
-    device = pick_device(cfg)
     param_dtype, autocast = precision(cfg, device)
-    batches = make_batches(cfg)
     eff, effective = apply_rules(cfg)
     torch.manual_seed(cfg.train.seed)
     model, specs = build(eff)

@@ -172,11 +172,17 @@ def param_shapes(d: Dims) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in GPT(d).named_parameters()}
 
 
+def param_specs(cfg: DictConfig) -> dict[str, TensorSpec]:
+    """What the parameterization table says for every tensor of this config's model."""
+    base = dims_of(cfg, width=cfg.param.base_width, n_layers=cfg.param.base_depth)
+    return tensor_specs(cfg, param_shapes(dims_of(cfg)), param_shapes(base))
+
+
 def build(cfg: DictConfig) -> tuple[GPT, dict[str, TensorSpec]]:
     """The model for `cfg`, initialised as its parameterization says (seed first for reproducibility)."""
     d = dims_of(cfg)
     base = dims_of(cfg, width=cfg.param.base_width, n_layers=cfg.param.base_depth)
-    specs = tensor_specs(cfg, param_shapes(d), param_shapes(base))
+    specs = param_specs(cfg)
     mults = {name.rsplit(".", 1)[0]: s.fwd_mult for name, s in specs.items() if s.cls != "V"}
     if uses_mup_attention(cfg):
         attn_scale = math.sqrt(base.head_dim) / d.head_dim  # 1/d_head, equal to SP's at the base
