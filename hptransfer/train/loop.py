@@ -33,6 +33,11 @@ from hptransfer.train.rules import apply_rules
 FLOPS_FORMULA = "6 * N * tokens + 12 * n_layers * width * seq_len * tokens (N: parameters except embeddings)"
 
 
+def train_flops(n_params_non_embedding: int, n_layers: int, width: int, seq_len: int, tokens: int) -> int:
+    """Training compute by FLOPS_FORMULA (also what `hpt sweep --dry-run` estimates with)."""
+    return 6 * n_params_non_embedding * tokens + 12 * n_layers * width * seq_len * tokens
+
+
 def default_run_dir(cfg: DictConfig) -> Path:
     return Path(os.environ.get("HPT_ROOT", "runs")) / "train" / run_id(cfg)
 
@@ -237,7 +242,7 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         "seq_len": cfg.train.seq_len,
         "n_params": n_params,
         "n_params_non_embedding": n_params - n_emb,
-        "flops": 6 * (n_params - n_emb) * tokens + 12 * d.n_layers * d.width * cfg.train.seq_len * tokens,
+        "flops": train_flops(n_params - n_emb, d.n_layers, d.width, cfg.train.seq_len, tokens),
         "flops_formula": FLOPS_FORMULA,
         "wall_s": time.time() - t_start,
         "tokens_per_s": (steps_done - step0) * tokens_per_step / max(train_s, 1e-9),
