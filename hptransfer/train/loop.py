@@ -135,12 +135,11 @@ def run_training(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep
     """
     run_dir = Path(run_dir)
     rid = run_id(cfg)
-    done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    frozen = run_dir / "config.yaml"
+    frozen, done = run_dir / "config.yaml", run_dir / "result.json"
     if frozen.exists() and run_id(load_yaml(frozen)) != rid:
         raise HptError(f"{run_dir} holds a different run's config.yaml: choose another --run-dir")
+    if done.exists():
+        return json.loads(done.read_text())
     try:
         # Bad input (missing data, no GPU) is found before anything is written for `hpt train`.
         batches, device = make_batches(cfg), pick_device(cfg)

@@ -1,0 +1,195 @@
+"""One training run: it learns, it is reproducible, it diverges cleanly, it resumes, it rejects bad input."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hptransfer.config import compose_run
+from hptransfer.train import loop
+from hptransfer.train.data import make_batches, shakespeare_bytes
+from hptransfer.train.optim import AdamAtan2, lr_factor
+from hptransfer.train.rules import apply_rules
+from tests.conftest import TINY, assert_one_line_error, cli
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_sp_curve.json"
+
+
+def curve(run_dir: Path) -> list[float]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def train(tmp_path: Path, name: str, *overrides: str) -> dict:
+    proc = cli("train", *TINY, *overrides, "--run-dir", str(tmp_path / name), "-q")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((tmp_path / name / "result.json").read_text())
+
+
+def test_adam_atan2_step_equals_the_formula():
+    torch.manual_seed(0)
+    p0 = torch.randn(5, 3, dtype=torch.float64)
+    grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(2)]
+    p = torch.nn.Parameter(p0.clone())
+    lr, wd, a, b, (b1, b2) = 0.1, 0.01, 1.27, 2.0, (0.9, 0.95)
+    opt = AdamAtan2([p], lr=lr, betas=(b1, b2), weight_decay=wd, a=a, b=b)
+    m = v = torch.zeros_like(p0)
+    expect = p0.clone()
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        expect = expect * (1 - lr * wd) - lr * a * torch.atan2(m_hat, b * v_hat.sqrt())
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_schedules():
+    def factors(schedule: str) -> list[float]:
+        cfg = compose_run([f"optim.schedule={schedule}", "optim.warmup_frac=0.1", "optim.min_lr_frac=0.1",
+                           "optim.decay_frac=0.2"])
+        return [lr_factor(s, 100, cfg) for s in range(100)]
+
+    cos, lin, wsd, const = (factors(s) for s in ("cosine", "linear", "wsd", "constant"))
+    for f in (cos, lin, wsd, const):
+        assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert cos[-1] == pytest.approx(0.1) and lin[-1] == pytest.approx(0.1) and wsd[-1] == pytest.approx(0.1)
+    assert cos[54] == pytest.approx(0.55, abs=0.01)  # cosine midpoint between 1 and the floor
+    assert wsd[79] == 1.0 and wsd[85] < 1.0  # stable until the final 20%
+    assert const[-1] == 1.0
+
+
+def test_batch_and_duration_rules():
+    cfg = compose_run(["train.batch_size=64", "scaling.batch.base=16", "scaling.batch.lr_rule=sqrt",
+                       "scaling.batch.adam_rule=sde", "optim.lr=0.001", "optim.beta2=0.99", "optim.eps=1e-8"])
+    eff, record = apply_rules(cfg)
+    assert eff.optim.lr == pytest.approx(0.002) and record["batch_rule"]["k"] == 4
+    assert eff.optim.beta2 == pytest.approx(0.96) and eff.optim.eps == pytest.approx(5e-9)
+    assert cfg.optim.lr == 0.001  # the run config keeps the swept base value
+    cfg = compose_run(["train.tokens=409600", "scaling.duration.base_tokens=102400", "scaling.duration.lr_rule=power",
+                       "scaling.duration.wd_rule=timescale", "optim.weight_decay=0.1", "optim.lr=0.001"])
+    eff, _ = apply_rules(cfg)
+    assert eff.optim.lr == pytest.approx(0.001 * 4**-0.3) and eff.optim.weight_decay == pytest.approx(0.025)
+
+
+def test_data_sources_and_batches(tmp_path):
+    corpus = shakespeare_bytes()
+    assert len(corpus) > 4_000_000 and b"Romeo:" in corpus and b"**" not in corpus
+    tokens = tmp_path / "toks.bin"
+    np.arange(5000, dtype=np.uint16).tofile(tokens)
+    cfg = compose_run(["data=tokens", f"data.path={tokens}", "data.vocab_size=5000", "train.seq_len=8",
+                       "train.batch_size=3", "data.val_frac=0.1"])
+    b = make_batches(cfg)
+    assert len(b.train) == 4500 and len(b.val) == 500
+    x, y = b.train_batch(7, torch.device("cpu"))
+    assert x.shape == (3, 8) and torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y - x, torch.ones_like(x))
+    assert torch.equal(x, b.train_batch(7, torch.device("cpu"))[0])  # a function of (seed, step) only
+    assert not torch.equal(x, b.train_batch(8, torch.device("cpu"))[0])
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    b = make_batches(compose_run(["data=text", f"data.path={text}", "train.seq_len=16"]))
+    assert bytes(b.train[:5]) == b"hello"
+
+
+def test_short_run_learns_and_records_the_contract(tmp_path):
+    r = train(tmp_path, "a", "train.steps=60", "model.width=64", "optim.lr=0.01")
+    assert r["status"] == "completed" and r["steps"] == 60 and r["tokens"] == 60 * 4 * 32
+    assert r["final_train_loss"] < 0.65 * r["initial_loss"]
+    assert r["final_val_loss"] < 0.7 * math.log(256)
+    for key in ("run_id", "sweep", "n_params", "n_params_non_embedding", "flops", "wall_s", "tokens_per_s",
+                "diverged_at_step", "env", "batch_size", "seq_len"):
+        assert key in r, key
+    assert r["env"]["torch"] == torch.__version__
+    assert len(curve(tmp_path / "a")) == 60
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a, b = train(tmp_path, "a"), train(tmp_path, "b")
+    train(tmp_path, "c", "train.seed=1")
+    assert curve(tmp_path / "a") == curve(tmp_path / "b")
+    assert a["final_val_loss"] == b["final_val_loss"]
+    assert curve(tmp_path / "a") != curve(tmp_path / "c")
+
+
+def test_huge_lr_is_diverged_not_a_crash(tmp_path):
+    proc = cli("train", *TINY, "optim.lr=10", "--run-dir", str(tmp_path / "d"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert r["status"] == "diverged" and r["diverged_at_step"] is not None and r["steps"] < 20
+    assert r["final_val_loss"] is None
+
+
+def test_finished_run_is_never_trained_again(tmp_path):
+    first = train(tmp_path, "a")
+    again = train(tmp_path, "a")
+    assert again == first
+    proc = cli("train", *TINY, "optim.lr=0.02", "--run-dir", str(tmp_path / "a"))
+    assert_one_line_error(proc, "different run's config.yaml")
+
+
+class Preempted(BaseException):
+    """Like SIGTERM/SIGKILL: not an Exception, so nothing records a result."""
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, monkeypatch):
+    args = ["train.checkpoint_every=5", "train.steps=20"]
+    train(tmp_path, "whole", *args)
+    real = loop.lr_factor
+
+    def preempt_at_12(step: int, total: int, cfg):  # noqa: ANN001
+        if step == 12:
+            raise Preempted
+        return real(step, total, cfg)
+
+    monkeypatch.setattr(loop, "lr_factor", preempt_at_12)
+    with pytest.raises(Preempted):
+        cli("train", *TINY, *args, "--run-dir", str(tmp_path / "cut"), "-q")
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "result.json").exists()
+    monkeypatch.setattr(loop, "lr_factor", real)
+    resumed = train(tmp_path, "cut", *args)
+    assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
+    assert resumed["final_val_loss"] == json.loads((tmp_path / "whole" / "result.json").read_text())["final_val_loss"]
+
+
+def test_loss_curve_matches_the_golden_file(tmp_path):
+    """A regression in how we train shows up as a diff. Regenerate: HPT_UPDATE_GOLDEN=1 pytest -k golden."""
+    train(tmp_path, "g", "train.steps=30", "train.log_every=1")
+    got = [round(x, 5) for x in curve(tmp_path / "g")]
+    if os.environ.get("HPT_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"overrides": TINY + ["train.steps=30"], "loss": got}, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())["loss"]
+    assert len(got) == len(want) == 30
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["model.nope=1"], "model.nope"),
+        (["+model.nope=1"], "model.nope"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["param=bogus"], "param/bogus"),
+        (["model.width=100"], "not divisible"),
+        (["train.steps=-5"], "train.steps"),
+        (["optim.wd_mode=sometimes"], "optim.wd_mode"),
+        (["data=text", "data.path=/no/such/file.txt"], "no such file"),
+        (["data=text"], "data.path"),
+        (["optim.lr=nan"], "optim.lr"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    proc = cli("train", *TINY, *args, "--run-dir", str(tmp_path / "x"))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "x").exists()  # nothing written for bad input
+
+
+def test_empty_data_file_is_an_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(cli("train", "data=text", f"data.path={empty}"), "empty")
