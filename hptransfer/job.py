@@ -1,0 +1,49 @@
+"""What one job runs: train the frozen config of one run folder.
+
+Local runs start `python -m hptransfer.job RUN_DIR` (the scheduler owns its log file); SLURM
+array tasks call `RunJob()(run_dir)` through submitit, which requeues the task on timeout or
+preemption (`Checkpointable`): training then resumes from the folder's checkpoint.pt.
+A diverged or failed run is a result in result.json, never an exception: nothing retries it.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import submitit
+
+
+def run(run_dir: Path) -> str:
+    """Train the run folder and return its status (completed, diverged or failed)."""
+    threads = os.environ.get("SLURM_CPUS_PER_TASK")
+    if threads:  # torch would otherwise start one thread per core of the whole node
+        import torch
+
+        torch.set_num_threads(int(threads))
+    from hptransfer.train.loop import run_folder
+
+    return run_folder(Path(run_dir))["status"]
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """A SLURM array task: link submitit's logs into the run folder as this attempt's, then train.
+
+    `checkpoint` (inherited) resubmits the same call: the requeued task trains the same folder.
+    """
+
+    def __call__(self, run_dir: str) -> str:
+        from hptransfer.store import new_attempt
+
+        folder = Path(run_dir)
+        paths = submitit.JobEnvironment().paths
+        attempt = new_attempt(folder)
+        (folder / "logs").mkdir(exist_ok=True)
+        for target, suffix in ((paths.stdout, "out"), (paths.stderr, "err")):
+            (folder / "logs" / f"attempt-{attempt}.{suffix}").symlink_to(target.resolve())
+        return run(folder)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m hptransfer.job RUN_DIR")
+    sys.exit(1 if run(Path(sys.argv[1])) == "failed" else 0)

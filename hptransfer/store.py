@@ -1,0 +1,271 @@
+"""The sweep folder of DESIGN.md, and what each run folder says about its run.
+
+    <root>/<sweep>/
+      sweep.yaml          the composed sweep as last launched (dimensions after command-line overrides)
+      manifest.parquet    one row per run: run_id, the swept values, the run config as JSON
+      jobs.jsonl          append-only job records (queued, started, submitted, ended, cancelled)
+      .lock               flock'd while a process decides what to launch
+      <run_id>/config.yaml, result.json, metrics.jsonl, heartbeat.json, checkpoint.pt, logs/
+
+Runs are only ever added to a sweep: a definition that differs in anything but the swept values is
+refused, and a run's config.yaml, once written, is never rewritten. Every write is atomic.
+"""
+
+import fcntl
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from hptransfer.config import to_yaml
+from hptransfer.errors import HptError
+from hptransfer.io import write_atomic
+from hptransfer.sweep import SEED_KEY, Run, SweepSpec
+
+ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
+
+
+def root_dir(root: Path | None = None) -> Path:
+    """Where sweeps live: --root, else $HPT_ROOT, else ./runs."""
+    return Path(root or os.environ.get("HPT_ROOT") or "runs")
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def jobs_file(self) -> Path:
+        return self.path / "jobs.jsonl"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.path / run_id
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive while held: one process at a time decides what to launch in this sweep."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def definition(self) -> dict[str, Any] | None:
+        """The sweep.yaml as written, or None for a new sweep."""
+        f = self.path / "sweep.yaml"
+        return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
+
+    def manifest(self) -> pd.DataFrame:
+        f = self.path / "manifest.parquet"
+        return pd.read_parquet(f) if f.exists() else pd.DataFrame({"run_id": pd.Series(dtype=str)})
+
+    def run_ids(self) -> list[str]:
+        return self.manifest()["run_id"].tolist()
+
+    def append_jobs(self, records: list[dict[str, Any]]) -> None:
+        """Append job records in one write (O_APPEND: concurrent writers never interleave a line)."""
+        if records:
+            with open(self.jobs_file, "a") as f:
+                f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
+
+    def job_records(self) -> list[dict[str, Any]]:
+        """Every job record, oldest first; a torn last line (a writer killed mid-write) is skipped."""
+        if not self.jobs_file.exists():
+            return []
+        records = []
+        for line in self.jobs_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def check(self, spec: SweepSpec) -> dict[str, Any]:
+        """The sweep's definition; an HptError naming the difference if this name holds a different one."""
+        new = sweep_definition(spec)
+        old = self.definition()
+        if old is not None:
+            _check_same_definition(self.name, definition_key(old), definition_key(new))
+        return new
+
+    def save(self, spec: SweepSpec, runs: list[Run], *, header: str) -> int:
+        """Write sweep.yaml, the manifest (old rows kept) and new runs' config.yaml; returns how many are new.
+
+        Call under `lock()`. A sweep of this name defined differently is an HptError naming the difference.
+        """
+        new_def = self.check(spec)
+        old_rows = self.manifest()
+        known = set(old_rows["run_id"])
+        rows = [{"run_id": r.run_id, **r.point, "config": json.dumps(OmegaConf.to_container(r.config))}
+                for r in runs if r.run_id not in known]
+        for r in runs:
+            folder = self.run_dir(r.run_id)
+            if not (folder / "config.yaml").exists():  # frozen: never rewritten, jobs read only this
+                write_atomic(folder / "config.yaml", header + to_yaml(r.config))
+        write_atomic(self.path / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(new_def)))
+        if rows:
+            table = pd.concat([old_rows, pd.DataFrame(rows)], ignore_index=True) if known else pd.DataFrame(rows)
+            buf = io.BytesIO()
+            table.to_parquet(buf, index=False)
+            write_atomic(self.path / "manifest.parquet", buf.getvalue())
+        return len(rows)
+
+
+def sweep_definition(spec: SweepSpec) -> dict[str, Any]:
+    """The composed sweep as launched: the file's config with its dimensions as the command line left them."""
+    cfg = OmegaConf.to_container(spec.composed, resolve=True)
+    axis, *grid, seeds = spec.dims
+    cfg["sweep"] = {
+        **cfg.get("sweep", {}),
+        "name": spec.name,
+        "file": str(spec.file),
+        "overrides": spec.overrides,
+        "axis": {"key": axis.key, "values": list(axis.values)},
+        "grid": {d.key: list(d.values) for d in grid},
+        "seeds": list(seeds.values),
+    }
+    return cfg
+
+
+def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
+    """What must not change under a sweep's name: everything but the swept values, name, file and launcher.
+
+    The swept keys themselves stay (adding a dimension changes every point), their values go; a swept
+    config group keeps its subtree (the file's settings under it still matter).
+    """
+    d = json.loads(json.dumps(definition))
+    s = d.pop("sweep")
+    d.pop("launcher", None)
+    swept = [s["axis"]["key"], *s["grid"], SEED_KEY]
+    for key in swept:
+        *path, leaf = key.split(".")
+        node = d
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if path and isinstance(node, dict):
+            node.pop(leaf, None)
+    return {"config": _flat(d), "axis": s["axis"]["key"], "grid": sorted(s["grid"])}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_definition(name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    if old == new:
+        return
+    if old["axis"] != new["axis"] or old["grid"] != new["grid"]:
+        diff = f"swept keys {[old['axis'], *old['grid']]} -> {[new['axis'], *new['grid']]}"
+    else:
+        keys = sorted(set(old["config"]) | set(new["config"]))
+        changed = [k for k in keys if old["config"].get(k) != new["config"].get(k)]
+        diff = ", ".join(f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed[:4])
+        diff += f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise HptError(f"sweep '{name}' exists with a different definition ({diff}); only added points are "
+                   f"allowed under one name: pass --name to start a new sweep")
+
+
+def list_sweeps(root: Path) -> list[SweepFolder]:
+    return sorted((SweepFolder(p.parent) for p in root.glob("*/sweep.yaml")), key=lambda s: s.name)
+
+
+def open_sweep(name: str, root: Path) -> SweepFolder:
+    """A sweep by name under root, or by its folder's path."""
+    for path in (root / name, Path(name)):
+        if (path / "sweep.yaml").exists():
+            return SweepFolder(path)
+    known = ", ".join(s.name for s in list_sweeps(root)) or "none"
+    raise HptError(f"no sweep '{name}' in {root} (sweeps there: {known})")
+
+
+# ---- what a run folder says -------------------------------------------------------------------------
+
+
+RESULT_REQUIRED = ("run_id", "status", "final_train_loss", "final_val_loss")
+
+
+def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None), (None, None) when there is none yet, or (None, why) for a corrupt or partial file."""
+    f = run_dir / "result.json"
+    try:
+        text = f.read_text()
+    except FileNotFoundError:
+        return None, None
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"corrupt result.json ({err.msg} at line {err.lineno})"
+    if not isinstance(result, dict) or any(k not in result for k in RESULT_REQUIRED):
+        missing = [k for k in RESULT_REQUIRED if not isinstance(result, dict) or k not in result]
+        return None, f"partial result.json (missing {', '.join(missing)})"
+    if result["status"] not in ("completed", "diverged", "failed"):
+        return None, f"corrupt result.json (unknown status {result['status']!r})"
+    return result, None
+
+
+def set_aside_result(run_dir: Path) -> None:
+    """Keep a failed (or corrupt) result as logs/result-<time>.json so the run can be trained again."""
+    f = run_dir / "result.json"
+    if f.exists():
+        (run_dir / "logs").mkdir(exist_ok=True)
+        os.replace(f, run_dir / "logs" / f"result-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json")
+
+
+def attempt_logs(run_dir: Path) -> dict[int, list[Path]]:
+    """The log files of each attempt (local: attempt-N.log; SLURM: attempt-N.out and .err)."""
+    out: dict[int, list[Path]] = {}
+    logs = run_dir / "logs"
+    for p in sorted(logs.iterdir()) if logs.is_dir() else []:
+        m = ATTEMPT_LOG.match(p.name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(p)
+    return out
+
+
+def new_attempt(run_dir: Path) -> int:
+    """The next attempt's number (attempts are counted by their logs)."""
+    return max(attempt_logs(run_dir), default=0) + 1
+
+
+def log_tail(run_dir: Path, lines: int = 15) -> str | None:
+    """The last lines of the latest attempt's log (stderr first: that is where tracebacks go)."""
+    attempts = attempt_logs(run_dir)
+    if not attempts:
+        return None
+    files = sorted(attempts[max(attempts)], key=lambda p: p.suffix != ".err")
+    for f in files:
+        try:
+            text = f.read_text(errors="replace").rstrip()
+        except OSError:  # a SLURM log link whose target is gone
+            continue
+        if text:
+            return "\n".join(text.splitlines()[-lines:])
+    return None
+
+
+def heartbeat(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "heartbeat.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

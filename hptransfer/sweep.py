@@ -1,0 +1,250 @@
+"""Sweep files: compose one, expand its grid into runs with stable ids, estimate their compute.
+
+A sweep file is a Hydra config that composes the base run config and adds a `sweep` block:
+
+    defaults: [config, _self_]
+    sweep:
+      name: width
+      axis: {key: model.width, values: [32, 64, 128]}
+      grid:
+        optim.lr: {log2: [-10, -4], step: 0.5}   # 2^-10, 2^-9.5, ..., 2^-4
+        param: [sp, mup]                          # a config group: composed as `param=mup`
+      seeds: [0]
+
+`load` composes it with the command line. Hydra's sweep grammar (`key=a,b`, `choice(...)`,
+`range(...)`) sets or replaces one dimension (the axis when the key is the axis key); a plain
+override of a swept key narrows that dimension to its one value; every other override applies to
+every run. `expand` crosses axis x grid x seeds: each point is composed (config groups as group
+overrides, keys set on the composed config, as Hydra's own command line would), its derived
+fields filled in, validated, and identified by `config.run_id`.
+"""
+
+import copy
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf
+
+from hptransfer.config import RunConfig, compose_file, heads_and_dim, run_config, run_id, steps_of, validate
+from hptransfer.errors import HptError
+
+GROUPS = frozenset({"model", "param", "optim", "data", "train", "launcher"})  # Hydra config groups
+SEED_KEY = "train.seed"
+RUN_KEYS = [k for k in RunConfig.__dataclass_fields__ if k != "launcher"]
+# Sustained training throughput assumed for GPU-hour estimates: an H100 at ~40% of its bf16 peak.
+GPU_FLOPS_PER_S = 4e14
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dimension of the grid: a Hydra override key (a config group or a dotted key) and its values."""
+
+    key: str
+    values: tuple[Any, ...]
+
+
+@dataclass
+class SweepSpec:
+    """A composed sweep: its name, its dimensions (axis first, seeds last) and what every run shares."""
+
+    name: str
+    file: Path
+    dims: list[Dim]
+    overrides: list[str]  # plain overrides, composed into every run
+    composed: DictConfig  # the file composed with `overrides`, with the `sweep` block as written
+
+    @property
+    def axis(self) -> Dim:
+        return self.dims[0]
+
+    @property
+    def launcher(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.composed.launcher, resolve=True)
+
+
+@dataclass
+class Run:
+    """One point of the grid: its swept values and its frozen config (launcher excluded)."""
+
+    run_id: str
+    point: dict[str, Any]
+    config: DictConfig
+
+
+def load(path: Path, overrides: list[str] | None = None, *, name: str | None = None) -> SweepSpec:
+    """Compose the sweep file with the command line's overrides into a SweepSpec."""
+    sweeps, plain = _parse_overrides(list(overrides or []))
+    composed = compose_file(Path(path), [o.input_line for o in plain])
+    block = composed.get("sweep")
+    if not isinstance(block, DictConfig):
+        raise HptError(f"{path} has no 'sweep:' block (see conf/width.yaml)")
+    axis = block.get("axis")
+    if not isinstance(axis, DictConfig) or "key" not in axis or "values" not in axis:
+        raise HptError("sweep.axis needs 'key' and 'values', e.g. axis: {key: model.width, values: [64, 128]}")
+    dims = [Dim(str(axis.key), _values("sweep.axis.values", axis["values"]))]
+    grid = OmegaConf.to_container(block.get("grid") or OmegaConf.create({}), resolve=True)
+    dims += [Dim(k, _values(f"sweep.grid.{k}", v)) for k, v in _flatten(grid).items()]
+    if any(d.key == SEED_KEY for d in dims):
+        raise HptError(f"set seeds with sweep.seeds, not with a '{SEED_KEY}' grid entry")
+    dims.append(Dim(SEED_KEY, _values("sweep.seeds", block.get("seeds", [0]))))
+    for key, values in sweeps.items():
+        dims = _set_dim(dims, Dim(key, values))
+    swept = {d.key for d in dims}
+    for o in plain:  # a plain override of a swept key narrows that dimension to its value
+        if o.key_or_group in swept:
+            dims = _set_dim(dims, Dim(o.key_or_group, (o.value(),)))
+    for d in dims:
+        if d.key.split(".")[0] not in RunConfig.__dataclass_fields__ or d.key == "launcher":
+            raise HptError(f"cannot sweep '{d.key}': not a run config key or group")
+    sweep_name = str(name or block.get("name") or Path(path).stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", sweep_name):
+        raise HptError(f"bad sweep name '{sweep_name}': use letters, digits, '.', '_' and '-'")
+    shared = [o.input_line for o in plain if o.key_or_group not in swept]
+    if len(shared) < len(plain):  # the shared config must not carry one point's group choice
+        composed = compose_file(Path(path), shared)
+    return SweepSpec(sweep_name, Path(path), dims, shared, composed)
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict[str, tuple[Any, ...]], list[Override]]:
+    """Split Hydra overrides into sweeps (key=a,b / choice / range), as dimensions, and plain ones."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # Hydra's grammar errors
+        raise HptError(f"bad override: {str(err).splitlines()[0]}") from None
+    sweeps: dict[str, tuple[Any, ...]] = {}
+    plain: list[Override] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            plain.append(o)
+        elif o.is_discrete_sweep():
+            sweeps[o.key_or_group] = _values(o.input_line, list(o.sweep_iterator()))
+        else:
+            raise HptError(f"'{o.input_line}': only lists, choice() and range() can be swept here")
+    return sweeps, plain
+
+
+def _set_dim(dims: list[Dim], new: Dim) -> list[Dim]:
+    """Replace the dimension with the same key, or add the new one before the seeds."""
+    if any(d.key == new.key for d in dims):
+        return [new if d.key == new.key else d for d in dims]
+    return [*dims[:-1], new, dims[-1]]
+
+
+def _flatten(grid: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{optim: {lr: [...]}}` and `{optim.lr: [...]}` both name the dimension 'optim.lr'."""
+    out: dict[str, Any] = {}
+    for key, value in grid.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and "log2" not in value:
+            out.update(_flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def _values(where: str, spec: Any) -> tuple[Any, ...]:
+    """A dimension's values: a list, a scalar, or a log2 range `{log2: [lo, hi], step: s}`."""
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, dict):
+        values = _log2_range(where, spec)
+    elif isinstance(spec, list | tuple):
+        values = list(spec)
+    else:
+        values = [spec]
+    if not values:
+        raise HptError(f"empty grid: {where} has no values")
+    if len(set(map(repr, values))) != len(values):
+        raise HptError(f"{where} repeats a value: {values}")
+    return tuple(values)
+
+
+def _log2_range(where: str, spec: dict[str, Any]) -> list[float | int]:
+    """`{log2: [lo, hi], step: s}`: 2^lo, 2^(lo+s), ..., 2^hi (integers when the exponent is a whole >= 0)."""
+    bounds, step = spec.get("log2"), spec.get("step", 1)
+    extra = set(spec) - {"log2", "step"}
+    if extra or not isinstance(bounds, list) or len(bounds) != 2 or not all(
+        isinstance(x, int | float) for x in [*bounds, step]
+    ):
+        raise HptError(f"{where}: a log2 range is {{log2: [lo, hi], step: s}}, got {spec}")
+    lo, hi = bounds
+    if hi < lo or step <= 0:
+        raise HptError(f"{where}: log2 range needs lo <= hi and step > 0, got {spec}")
+    n = math.floor((hi - lo) / step + 1e-9)
+    exponents = [lo + i * step for i in range(n + 1)]
+    return [int(2**e) if e >= 0 and float(e).is_integer() else 2.0**e for e in exponents]
+
+
+def expand(spec: SweepSpec) -> list[Run]:
+    """Every point of axis x grid x seeds as a Run; two points with the same config are an error."""
+    keys = [d.key for d in spec.dims]
+    group_keys = [k for k in keys if k in GROUPS]
+    bases: dict[tuple[Any, ...], dict[str, Any]] = {}
+    runs: dict[str, Run] = {}
+    for values in itertools.product(*(d.values for d in spec.dims)):
+        point = dict(zip(keys, values, strict=True))
+        choice = tuple(point[k] for k in group_keys)
+        if choice not in bases:  # compose once per combination of config groups
+            groups = [f"{k}={v}" for k, v in zip(group_keys, choice, strict=True)]
+            composed = compose_file(spec.file, [*spec.overrides, *groups])
+            # Unresolved, so interpolations see the swept values (as on Hydra's command line).
+            bases[choice] = {k: OmegaConf.to_container(composed[k]) for k in RUN_KEYS}
+        cfg = derive(validate(_with_values(bases[choice], point, group_keys)))
+        rid = run_id(cfg)
+        if rid in runs:
+            raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
+        runs[rid] = Run(rid, point, run_config(cfg))
+    return list(runs.values())
+
+
+def _with_values(base: dict[str, Any], point: dict[str, Any], group_keys: list[str]) -> dict[str, Any]:
+    """A copy of the base with the swept keys set (an unknown key is added, so validation names it)."""
+    cfg = copy.deepcopy(base)
+    for key, value in point.items():
+        if key in group_keys:
+            continue
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cfg
+
+
+def derive(cfg: DictConfig) -> DictConfig:
+    """Fill the derived fields: train.steps from train.tokens when tokens are set.
+
+    Heads follow width at fixed model.head_dim, and the batch/duration rules of SCIENCE.md are
+    applied by training from scaling.*; both stay as configured so the frozen config keeps the
+    base values. Setting steps here makes the frozen config say how long the run trains.
+    """
+    if cfg.train.tokens is not None:
+        cfg.train.steps = steps_of(cfg)
+    return cfg
+
+
+def derived_fields(cfg: DictConfig) -> dict[str, Any]:
+    """What a run's config implies: heads, steps, tokens and the learning rate after the scaling rules."""
+    from hptransfer.train.rules import apply_rules
+
+    n_heads, _, _ = heads_and_dim(cfg.model, cfg.model.width)
+    steps = steps_of(cfg)
+    _, effective = apply_rules(cfg)
+    return {"n_heads": n_heads, "steps": steps, "tokens": steps * cfg.train.batch_size * cfg.train.seq_len,
+            "lr_effective": effective["lr"]}
+
+
+def estimate_flops(cfg: DictConfig) -> float:
+    """Training FLOPs of one run by the formula training reports (parameters counted on the meta device)."""
+    from hptransfer.train.loop import train_flops
+    from hptransfer.train.model import dims_of, param_specs
+
+    n_non_emb = sum(math.prod(s.shape) for s in param_specs(cfg).values() if s.cls != "E")
+    d = dims_of(cfg)
+    return train_flops(n_non_emb, d.n_layers, d.width, cfg.train.seq_len, derived_fields(cfg)["tokens"])
