@@ -39,7 +39,8 @@ class RunJob(submitit.helpers.Checkpointable):
         attempt = new_attempt(folder)
         (folder / "logs").mkdir(exist_ok=True)
         for target, suffix in ((paths.stdout, "out"), (paths.stderr, "err")):
-            (folder / "logs" / f"attempt-{attempt}.{suffix}").symlink_to(target.resolve())
+            link = folder / "logs" / f"attempt-{attempt}.{suffix}"
+            link.symlink_to(os.path.relpath(target.resolve(), link.parent))  # relative: the sweep folder can move
         return run(folder)
 
 

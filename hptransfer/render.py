@@ -48,7 +48,7 @@ def fmt_flops(x: float) -> str:
 # ---- hpt sweep --dry-run -----------------------------------------------------------------------------
 
 
-def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -> list[RenderableType]:
+def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -> Group:
     """Run count, the grid, derived fields and compute per axis value, and totals."""
     dims = Table("dimension", "values", "n", title=f"sweep '{spec.name}': {len(runs)} runs", box=None,
                  header_style="bold", title_justify="left")
@@ -77,10 +77,10 @@ def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -
         ("total: ", "bold"), f"{len(runs)} runs, {to_launch} to launch ({len(runs) - to_launch} done or live), ",
         f"{fmt_flops(total)} training FLOPs, {hours:.3g} GPU-hours at {GPU_FLOPS_PER_S:.0e} FLOP/s sustained; ",
         f"launcher: {launcher_name}")
-    return [dims, Text(), derived, Text(), totals]
+    return Group(dims, Text(), derived, Text(), totals)
 
 
-def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> list[RenderableType]:
+def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> Group:
     """How the runs would go to SLURM: arrays, parallelism, requeue readiness, and the sbatch script."""
     from hptransfer.launch import max_array_size, sbatch_script, submitit_folder
 
@@ -92,7 +92,8 @@ def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> l
     if any(r.config.train.checkpoint_every == 0 for r in runs):
         lines.append(Text("warning: train.checkpoint_every is 0: a requeued run restarts from step 0", "yellow"))
     script = sbatch_script(launcher, folder.name, submitit_folder(folder), max(to_launch, 1))
-    return [Text(), *lines, Text("sbatch script of the first array:", "bold"), Text(script)]
+    return Group(Text(), *lines, Text("sbatch script of the first array:", "bold"),
+                 Text(script, no_wrap=True, overflow="ignore"))
 
 
 def sweep_done(name: str, progress: Any, total: int) -> Text:
@@ -178,11 +179,11 @@ def _cell(states: list[RunState]) -> tuple[float | None, tuple[str, str]]:
     return None, ("?", "dim")
 
 
-def status_view(per_sweep: dict[str, list[RunState]], folders: list[Any], detail: bool) -> list[RenderableType]:
+def status_view(per_sweep: dict[str, list[RunState]], folders: list[Any], detail: bool) -> Group:
     """All sweeps' counts; for one sweep (`detail`) also its loss grids, its runs and its failures."""
     out: list[RenderableType] = [summary(per_sweep)]
     if not detail:
-        return out
+        return Group(*out)
     for folder in folders:
         states = per_sweep[folder.name]
         s = folder.definition()["sweep"]
@@ -190,7 +191,7 @@ def status_view(per_sweep: dict[str, list[RunState]], folders: list[Any], detail
         for table in grids(states, axis, grid_keys):
             out += [Text(), table]
         out += [Text(), runs_table(states, [axis, *grid_keys, "train.seed"]), *failures(states)]
-    return out
+    return Group(*out)
 
 
 def failures(states: list[RunState], limit: int = 5, lines: int = 8) -> list[RenderableType]:

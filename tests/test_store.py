@@ -1,0 +1,114 @@
+"""The sweep folder: frozen configs, manifest union, definition checks, result and record parsing, collect's schema."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hptransfer import collect, launch, sweep
+from hptransfer.errors import HptError
+from hptransfer.status import _expand_ids, run_states
+from hptransfer.store import SweepFolder, read_result
+from tests.test_sweep import TINY_SWEEP
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    f = tmp_path / "tiny.yaml"
+    f.write_text(TINY_SWEEP)
+    return f
+
+
+def save(folder: SweepFolder, file: Path, *overrides: str) -> int:
+    spec = sweep.load(file, list(overrides))
+    return launch.prepare(folder, spec, sweep.expand(spec))
+
+
+def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    assert save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]") == 4
+    ids = folder.run_ids()
+    frozen = (folder.run_dir(ids[0]) / "config.yaml").read_text()
+    assert frozen.startswith("# frozen by hpt sweep at ") and "git commit" in frozen
+    assert json.loads(folder.manifest().loc[0, "config"])["model"]["width"] == 16
+    # Widening adds rows and keeps the old ones (and their frozen configs, byte for byte).
+    assert save(folder, tiny, "optim.lr=0.01,0.02", "sweep.seeds=[0]") == 4
+    assert folder.run_ids()[:4] == ids and len(folder.run_ids()) == 8
+    assert (folder.run_dir(ids[0]) / "config.yaml").read_text() == frozen
+    # A narrower grid is the same definition: nothing new, nothing lost.
+    assert save(folder, tiny, "optim.lr=0.02", "sweep.seeds=[0]") == 0 and len(folder.run_ids()) == 8
+    # Launcher settings may change between launches.
+    assert save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "launcher.jobs=4") == 0
+
+
+def test_a_different_definition_under_the_same_name_is_refused(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
+    with pytest.raises(HptError, match=r"different definition \(train.steps: 10 -> 12\).*--name"):
+        save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "train.steps=12")
+    with pytest.raises(HptError, match="swept keys"):
+        save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "optim.weight_decay=0,0.1")
+    tiny.write_text(TINY_SWEEP.replace("base_width: 16", "base_width: 8"))  # an edited file, same name
+    with pytest.raises(HptError, match="param.base_width"):
+        save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
+    assert len(folder.run_ids()) == 4
+
+
+def test_result_files_are_read_defensively(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    assert read_result(run) == (None, None)
+    (run / "result.json").write_text('{"run_id": "r", "status": "compl')
+    assert read_result(run)[1].startswith("corrupt result.json")
+    (run / "result.json").write_text('{"run_id": "r", "status": "completed"}')
+    assert read_result(run)[1] == "partial result.json (missing final_train_loss, final_val_loss)"
+    good = {"run_id": "r", "status": "diverged", "final_train_loss": None, "final_val_loss": None}
+    (run / "result.json").write_text(json.dumps(good))
+    assert read_result(run) == (good, None)
+
+
+def test_states_from_records_and_processes(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
+    a, b, c, d = folder.run_ids()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = {"pid": dead.pid, "start": 1, "host": __import__("socket").gethostname()}
+    folder.append_jobs([
+        {"event": "queued", "run_id": a, "executor": "local", "scheduler": me},
+        {"event": "started", "run_id": b, "executor": "local", "job_id": f"local-{dead.pid}", **me},
+        {"event": "ended", "run_id": c, "executor": "local", "job_id": "local-1", "returncode": -9},
+    ])
+    with open(folder.jobs_file, "a") as f:
+        f.write('{"event": "cancelled", "run_id": "')  # a writer killed mid-line
+    (folder.run_dir(c) / "logs").mkdir()
+    (folder.run_dir(c) / "logs" / "attempt-1.log").write_text("step 1\nstep 2\n")
+    states = {s.run_id: s for s in run_states(folder)}
+    assert (states[a].state, states[a].active) == ("pending", False)  # its scheduler is gone: launchable
+    assert states[b].state == "failed" and "died without a result" in states[b].reason
+    assert states[c].state == "failed" and states[c].reason == "killed by SIGKILL without a result"
+    assert states[c].log_tail == "step 1\nstep 2" and states[c].attempts == 1
+    assert (states[d].state, states[d].reason) == ("pending", "not launched")
+
+
+def test_array_ids_as_slurm_prints_them():
+    assert _expand_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert _expand_ids("7_3") == ["7_3"] and _expand_ids("8") == ["8"]
+
+
+def test_collect_has_explicit_types_even_without_results(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
+    table, problems = collect.collect([folder])
+    assert problems == [] and table.num_rows == 4
+    out = tmp_path / "r.parquet"
+    collect.write(table, out)
+    schema = pq.read_schema(out)
+    assert schema == collect.SCHEMA  # the same columns and types whatever the sweep holds
+    rows = pq.read_table(out).to_pylist()
+    assert {r["status"] for r in rows} == {"pending"} and rows[0]["final_val_loss"] is None
+    assert {r["width"] for r in rows} == {16, 32} and rows[0]["cfg.train.steps"] == 10
+    assert rows[0]["tokens"] == 10 * 4 * 32 and rows[0]["curve_loss"] == []
+    assert str(schema.field("cfg.train.tokens").type) == "int64"  # null in every row, still an int column

@@ -1,0 +1,147 @@
+"""Grid expansion: counts, log2 ranges, Hydra overrides, derived fields, stable run ids; the shipped sweep files."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from hptransfer import sweep
+from hptransfer.config import load_yaml, run_id, to_yaml
+from hptransfer.errors import HptError
+from tests.conftest import REPO, assert_one_line_error, cli
+
+TINY_SWEEP = """\
+defaults:
+  - config
+  - _self_
+model: {width: 16, n_layers: 1, head_dim: 8}
+param: {base_width: 16, base_depth: 1}
+train: {steps: 10, batch_size: 4, seq_len: 32, log_every: 5, final_window: 5, val_batches: 2}
+sweep:
+  name: tiny
+  axis: {key: model.width, values: [16, 32]}
+  grid:
+    optim.lr: {log2: [-8, -6], step: 0.5}
+    param: [sp, mup]
+  seeds: [0, 1]
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    f = tmp_path / "tiny.yaml"
+    f.write_text(TINY_SWEEP)
+    return f
+
+
+def test_expansion_crosses_axis_grid_and_seeds(tiny):
+    spec = sweep.load(tiny)
+    assert [d.key for d in spec.dims] == ["model.width", "optim.lr", "param", "train.seed"]
+    runs = sweep.expand(spec)
+    assert len(runs) == 2 * 5 * 2 * 2
+    assert len({r.run_id for r in runs}) == len(runs)
+    # Config groups are composed as groups: the mup runs carry the mup preset, the file's base width kept.
+    mup = [r for r in runs if r.point["param"] == "mup"]
+    assert {r.config.param.name for r in mup} == {"mup"} and {r.config.param.base_width for r in mup} == {16}
+    assert {r.config.model.width for r in runs} == {16, 32}
+    assert "launcher" not in runs[0].config  # launcher settings are not part of a run
+
+
+def test_log2_range_is_one_line_and_exact(tiny):
+    lrs = sweep.load(tiny).dims[1].values
+    assert lrs == tuple(2.0**e for e in (-8, -7.5, -7, -6.5, -6))
+    assert sweep._values("w", {"log2": [5, 7]}) == (32, 64, 128)  # whole exponents >= 0: integers
+    for bad in ({"log2": [-4, -8]}, {"log2": [1]}, {"log2": [0, 2], "step": 0}, {"log2": [0, 2], "base": 10}):
+        with pytest.raises(HptError, match="log2"):
+            sweep._values("sweep.grid.optim.lr", bad)
+
+
+def test_command_line_sweeps_replace_or_add_dimensions(tiny):
+    spec = sweep.load(tiny, ["model.width=16,32,64", "param=choice(mup)", "train.seed=range(0,3)",
+                             "optim.weight_decay=0,0.1", "train.steps=12"])
+    dims = {d.key: d.values for d in spec.dims}
+    assert dims["model.width"] == (16, 32, 64)  # the axis key replaces the axis values
+    assert dims["param"] == ("mup",)
+    assert dims["train.seed"] == (0, 1, 2)
+    assert dims["optim.weight_decay"] == (0, 0.1)  # a new dimension, before the seeds
+    assert list(dims)[-1] == "train.seed"
+    assert spec.overrides == ["train.steps=12"]
+    runs = sweep.expand(spec)
+    assert len(runs) == 3 * 5 * 1 * 3 * 2
+    assert {r.config.train.steps for r in runs} == {12}
+
+
+def test_plain_override_of_a_swept_key_narrows_it(tiny):
+    spec = sweep.load(tiny, ["optim.lr=0.01", "param=mup", "sweep.axis.values=[32]"])
+    dims = {d.key: d.values for d in spec.dims}
+    assert dims["optim.lr"] == (0.01,) and dims["param"] == ("mup",) and dims["model.width"] == (32,)
+    assert spec.overrides == ["sweep.axis.values=[32]"]
+    assert {r.config.param.name for r in sweep.expand(spec)} == {"mup"}
+
+
+def test_run_ids_are_stable_and_follow_the_config(tiny):
+    a = {r.run_id: r for r in sweep.expand(sweep.load(tiny))}
+    b = {r.run_id for r in sweep.expand(sweep.load(tiny, ["launcher.jobs=3"]))}
+    assert set(a) == b  # same points, same ids; launcher settings are no part of the identity
+    changed = {r.run_id for r in sweep.expand(sweep.load(tiny, ["train.steps=11"]))}
+    assert not changed & set(a)
+    # The id is the hash of the frozen config: a job reading config.yaml gets the same id.
+    r = next(iter(a.values()))
+    f = tiny.parent / "config.yaml"
+    f.write_text(to_yaml(r.config))
+    assert run_id(load_yaml(f)) == r.run_id
+
+
+def test_steps_derive_from_tokens_and_batch(tmp_path):
+    f = tmp_path / "batch.yaml"
+    f.write_text(TINY_SWEEP.replace("steps: 10", "steps: 10, tokens: 4096").replace(
+        "axis: {key: model.width, values: [16, 32]}", "axis: {key: train.batch_size, values: [4, 8, 16]}"))
+    runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp", "sweep.seeds=[0]"]))
+    assert {r.point["train.batch_size"]: r.config.train.steps for r in runs} == {4: 32, 8: 16, 16: 8}
+    fields = sweep.derived_fields(runs[0].config)
+    assert fields["n_heads"] == 16 // 8 and fields["tokens"] == 4096
+
+
+def test_interpolations_see_the_swept_value(tmp_path):
+    f = tmp_path / "interp.yaml"
+    f.write_text(TINY_SWEEP.replace("param: {base_width: 16, base_depth: 1}",
+                                    "param: {base_width: '${model.width}', base_depth: 1}"))
+    runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp"]))
+    assert {r.config.model.width: r.config.param.base_width for r in runs} == {16: 16, 32: 32}
+
+
+def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):
+    for args, needle in [
+        (["model.width=16,33"], "not divisible"),
+        (["optim.lr=interval(0.1,1)"], "only lists"),
+        (["modl.width=1,2"], "cannot sweep 'modl.width'"),
+        (["model.widht=16,32"], "model.widht"),
+        (["optim.lr=[0.1"], "bad override"),
+    ]:
+        assert_one_line_error(cli("sweep", str(tiny), *args, "--dry-run", "--root", str(tmp_path)), needle)
+    with pytest.raises(HptError, match="empty grid"):
+        sweep._values("sweep.grid.optim.lr", [])
+    assert_one_line_error(cli("sweep", str(tmp_path / "nope.yaml"), "--dry-run"), "no such config file")
+    assert_one_line_error(cli("sweep", str(tiny), "train.seed=1,1", "--dry-run"), "repeats a value")
+    # With train.tokens set, steps are derived: sweeping steps would run the same point twice.
+    assert_one_line_error(cli("sweep", str(tiny), "train.tokens=4096", "train.steps=10,20", "--dry-run"),
+                          "are the same run")
+
+
+@pytest.mark.parametrize("name", ["width", "depth", "batch", "duration"])
+def test_shipped_sweep_files_expand(name):
+    spec = sweep.load(REPO / "conf" / f"{name}.yaml")
+    runs = sweep.expand(spec)
+    assert spec.name == name and len(runs) >= 20
+    assert {d.key for d in spec.dims} >= {"optim.lr", "param"}
+    lrs = {d.key: d.values for d in spec.dims}["optim.lr"]
+    steps = {math.log2(b / a) for a, b in zip(lrs, lrs[1:], strict=False)}
+    assert len(steps) == 1  # an even log2 grid
+
+
+def test_dry_run_shows_grid_and_compute_and_launches_nothing(tiny, tmp_path):
+    res = cli("sweep", str(tiny), "--dry-run", "--root", str(tmp_path / "runs"))
+    assert res.returncode == 0, res.stderr
+    assert "40 runs" in res.stdout and "2^-7.5" in res.stdout and "GPU-hours" in res.stdout
+    assert "FLOPs" in res.stdout
+    assert not (tmp_path / "runs").exists()
