@@ -1,0 +1,153 @@
+"""The report's figures, one set per scaling axis.
+
+- `loss_vs_lr_<axis>.png`: loss against log2(lr), one curve per scale (a colour each),
+  one panel per group, optima starred, diverged runs as crosses on the top edge (the
+  style of Figure 1 of the muP paper);
+- `optimum_vs_scale_<axis>.png`: the optimum against scale, bootstrap intervals as error
+  bars, edge optima as open triangles pointing where the optimum lies, the fitted laws;
+- `best_loss_vs_scale_<axis>.png`: the best loss against scale with the fitted L(s).
+"""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from hptransfer.analysis.analyze import GroupResult, fmt_scale  # noqa: E402
+from hptransfer.analysis.laws import LossLaw  # noqa: E402
+
+PANEL = (4.6, 3.6)  # inches per panel
+
+
+def plot_all(results: list[GroupResult], metric: str, out: Path) -> list[Path]:
+    """Write every figure into `out`; returns their paths."""
+    paths = []
+    for axis in dict.fromkeys(r.group.axis for r in results):
+        on_axis = [r for r in results if r.group.axis == axis]
+        paths.append(_save(_loss_vs_lr(on_axis, metric), out / f"loss_vs_lr_{axis}.png"))
+        paths.append(_save(_optimum_vs_scale(on_axis, axis), out / f"optimum_vs_scale_{axis}.png"))
+        paths.append(_save(_best_loss_vs_scale(on_axis, axis, metric), out / f"best_loss_vs_scale_{axis}.png"))
+    return paths
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Through a temp name and a rename, so a reader never sees half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _log2_ticks(ax: Axes, which: str) -> None:
+    """Integer log2 positions labelled 2^k."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"$2^{{{int(v)}}}$"))
+
+
+def _scale_ticks(ax: Axes) -> None:
+    """Scale on a log2 axis, labelled with the plain values."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_scale(v)))
+
+
+def _loss_vs_lr(results: list[GroupResult], metric: str) -> Figure:
+    n = len(results)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL[0] * cols, PANEL[1] * rows), squeeze=False)
+    for ax, r in zip(axes.flat, results, strict=False):
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(r.curves)))
+        means = [c.mean() for c in r.curves]
+        lo, top = _loss_range(np.concatenate([mean[valid] for mean, valid in means]))
+        for curve, opt, (mean, valid), colour in zip(r.curves, r.optima, means, colours, strict=True):
+            ax.plot(curve.x[valid], mean[valid], "o-", ms=3.5, lw=1.3, color=colour,
+                    label=f"{r.group.axis} {fmt_scale(curve.scale)}")
+            div = curve.diverged.any(axis=1)
+            if div.any():  # an empty unclipped line would still stretch the tight bounding box to (0, 0)
+                ax.plot(curve.x[div], np.full(div.sum(), top), "x", ms=6, mew=1.5, color=colour, clip_on=False)
+            if opt is not None:
+                ax.plot(opt.x_opt, opt.loss_opt, "*", ms=12, mec="black", mew=0.8,
+                        color="white" if opt.edge else colour, zorder=5)
+        ax.set_ylim(lo, top)
+        _log2_ticks(ax, "x")
+        ax.set_title(r.group.label, fontsize=10)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="x on top: diverged\n* optimum (open: edge)", title_fontsize=7, loc="best")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _loss_range(losses: np.ndarray) -> tuple[float, float]:
+    """y limits that show the bowls: from the best loss to a few times its distance to the median."""
+    if losses.size == 0:
+        return 0.0, 1.0
+    lo, med, hi = float(losses.min()), float(np.median(losses)), float(losses.max())
+    top = min(hi, lo + 3 * (med - lo)) if med > lo else hi
+    pad = 0.05 * (top - lo) or 0.05 * abs(lo) or 0.05
+    return lo - pad, top + pad
+
+
+def _optimum_vs_scale(results: list[GroupResult], axis: str) -> Figure:
+    fig, ax = plt.subplots(figsize=PANEL)
+    for r, colour in zip(results, plt.cm.tab10.colors, strict=False):
+        for curve, opt in zip(r.curves, r.optima, strict=True):
+            if opt is None:
+                continue
+            if opt.edge:  # a bound: the triangle points to where the optimum lies
+                marker = "v" if opt.edge == ("low",) else "^"
+                ax.plot(curve.scale, opt.x_opt, marker, ms=8, mfc="none", color=colour)
+                continue
+            err = None if opt.interval is None else [[opt.x_opt - opt.interval[0]], [opt.interval[1] - opt.x_opt]]
+            ax.errorbar(curve.scale, opt.x_opt, yerr=err, fmt="o", ms=5, color=colour, capsize=3)
+        if r.law is not None:
+            s = np.geomspace(min(r.group.scales), max(r.group.scales), 50)
+            ax.plot(s, r.law.predict(s), "--", color=colour, lw=1.2,
+                    label=f"{r.group.label}: {r.law.b:+.2f} per doubling")
+        else:
+            ax.plot([], [], "o", color=colour, label=f"{r.group.label}: no law")
+    _scale_ticks(ax)
+    _log2_ticks(ax, "y")
+    ax.set_xlabel(axis)
+    ax.set_ylabel("optimal learning rate")
+    ax.set_title(f"Optimum against {axis} (open triangles: edge bounds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _best_loss_vs_scale(results: list[GroupResult], axis: str, metric: str) -> Figure:
+    fig, ax = plt.subplots(figsize=PANEL)
+    for r, colour in zip(results, plt.cm.tab10.colors, strict=False):
+        pts = [(c.scale, o.loss_opt) for c, o in zip(r.curves, r.optima, strict=True) if o is not None]
+        if not pts:
+            continue
+        s, loss = np.array(pts).T
+        ax.plot(s, loss, "o", color=colour, label=r.group.label)
+        fit = r.metrics["asymptotic"]
+        if fit["l_inf"] is not None:
+            law = LossLaw(fit["l_inf"], fit["A"], fit["alpha"], fit["scale_ref"], fit["rms"])
+            grid = np.geomspace(s.min(), s.max(), 50)
+            ax.plot(grid, law(grid), "--", color=colour, lw=1.2, label=f"L_inf {law.l_inf:.3f}, alpha {law.alpha:.2f}")
+    _scale_ticks(ax)
+    ax.set_xlabel(axis)
+    ax.set_ylabel(f"best {metric}")
+    ax.set_title(f"Best loss against {axis}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,238 @@
+"""`hpt predict`: a target run's learning rate from the transfer law, with its interval and launch line.
+
+The law `log lr* = log a + b log s` of each matching group is evaluated at the target
+scale; its interval is the law's 95% confidence band there (from the residual scatter
+of the optima it was fitted to). For a width target the parameterization's per-class
+learning rates follow from its abc table: `eta * gamma_X * m^(-c_X)`, `m = width / base_width`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+
+from hptransfer.analysis.analyze import GroupResult, analyze, fmt_lr, fmt_scale, jsonable
+from hptransfer.analysis.load import AXES, BOOKKEEPING
+from hptransfer.errors import HptError
+from hptransfer.train.param import PRESETS
+
+# `--at` key -> scaling axis
+AT_KEYS = {
+    "width": "width", "model.width": "width",
+    "depth": "depth", "n_layers": "depth", "model.n_layers": "depth",
+    "batch": "batch_size", "batch_size": "batch_size", "train.batch_size": "batch_size",
+    "tokens": "tokens", "train.tokens": "tokens",
+}
+# scaling axis -> the override that sets it for `hpt train`
+AXIS_OVERRIDE = {"width": "model.width", "depth": "model.n_layers", "batch_size": "train.batch_size",
+                 "tokens": "train.tokens"}
+
+
+@dataclass
+class Prediction:
+    label: str
+    parameterization: str
+    axis: str
+    target: float
+    lr: float
+    interval: tuple[float, float] | None      # 95%, from the law's uncertainty; None with a 2-point law
+    doublings_beyond: float                    # log2(target / largest swept scale); > 0 extrapolates
+    per_class: dict[str, float] | None         # width targets: the learning rate of each parameter class
+    overrides: list[str]
+    compute: dict[str, float] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_at(text: str) -> tuple[str, float]:
+    """`width=4096` -> ("width", 4096.0); keys as in AT_KEYS."""
+    key, sep, value = text.partition("=")
+    if not sep or key.strip() not in AT_KEYS:
+        raise HptError(f"--at takes AXIS=VALUE with AXIS one of {', '.join(sorted(set(AT_KEYS)))}; got {text!r}")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise HptError(f"--at {text}: {value!r} is not a number") from None
+    if not np.isfinite(scale) or scale <= 0:
+        raise HptError(f"--at {text}: the target scale must be positive")
+    return AT_KEYS[key.strip()], scale
+
+
+def predict(
+    df: pd.DataFrame, at: str, metric: str = "final_val_loss", params: list[str] | None = None
+) -> list[Prediction]:
+    """One prediction per group on the target's axis (and parameterization, if given) that has a law."""
+    axis, target = parse_at(at)
+    results = analyze(df, metric, params=params, axes=[axis], n_boot=0).results
+    with_law = [r for r in results if r.law is not None]
+    if not with_law:
+        raise HptError(f"no transfer law on {axis} for {', '.join(r.group.label for r in results)}: "
+                       "fewer than 2 interior optima (run `hpt analyze` for the edge flags)")
+    return [_predict_group(r, target) for r in with_law]
+
+
+def _predict_group(r: GroupResult, target: float) -> Prediction:
+    g, law = r.group, r.law
+    log2_lr = float(law.predict(target))
+    interval = law.interval(target)
+    per_class, notes = (per_class_lrs(g.parameterization, g.fixed, target, 2**log2_lr) if g.axis == "width"
+                        else (None, []))
+    if interval is None:
+        notes.append("no interval: the law has only 2 points (no residual scatter to estimate it from)")
+    return Prediction(
+        label=g.label,
+        parameterization=g.parameterization,
+        axis=g.axis,
+        target=target,
+        lr=2**log2_lr,
+        interval=None if interval is None else (2 ** interval[0], 2 ** interval[1]),
+        doublings_beyond=float(np.log2(target / max(g.scales))),
+        per_class=per_class,
+        overrides=launch_overrides(r, target, 2**log2_lr, notes),
+        compute=_compute(r, target),
+        notes=notes,
+    )
+
+
+def per_class_lrs(
+    param: str, fixed: dict[str, Any], width: float, lr: float
+) -> tuple[dict[str, float] | None, list[str]]:
+    """Each class's learning rate at `width`: eta * gamma_X * m^(-c_X), V unscaled (SCIENCE.md's abc table).
+
+    A depth-scaled preset off its base depth also multiplies H (and the gains in blocks) by mL^(alpha - 1).
+    """
+    preset, base = PRESETS.get(param), fixed.get("param.base_width")
+    if preset is None:
+        return None, [f"no per-class learning rates: {param} is not a preset of hptransfer.train.param"]
+    if base is None:
+        return None, ["no per-class learning rates: the table has no param.base_width"]
+    m = width / float(base)
+
+    def gamma(cls: str) -> float:
+        value = fixed.get(f"param.lr_mult.{cls}")
+        return 1.0 if value is None else float(value)
+
+    out = {}
+    for cls in ("E", "H", "R"):
+        abc = getattr(preset, cls)
+        c = abc.c_none if fixed.get("param.alignment") == "none" and abc.c_none is not None else abc.c
+        out[cls] = lr * gamma(cls) * m ** (-c)
+    out["V"] = lr * gamma("V")
+    notes = [f"per class: eta * gamma_X * m^(-c_X) with m = {fmt_scale(width)} / {fmt_scale(float(base))} = {m:g}"]
+    alpha = fixed.get("param.depth_alpha")
+    alpha = preset.depth_alpha if alpha is None else float(alpha)
+    layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")
+    if alpha > 0 and layers and base_depth and layers != base_depth:
+        depth = (layers / base_depth) ** (alpha - 1)
+        out["H"] *= depth
+        out["V in blocks"] = out["V"] * depth
+        notes.append(f"depth: H and the gains in blocks x mL^(alpha-1) = {depth:g}")
+    return out, notes
+
+
+def launch_overrides(r: GroupResult, target: float, lr: float, notes: list[str]) -> list[str]:
+    """`hpt train` overrides for the target run: preset, scale, lr, and the group's non-default settings."""
+    g = r.group
+    scale = int(target) if float(target).is_integer() else target
+    head = [f"param={g.parameterization}", f"{AXIS_OVERRIDE[g.axis]}={scale}", f"optim.lr={lr:.4g}"]
+    try:
+        defaults = _defaults(g.parameterization)
+    except HptError as err:
+        notes.append(f"launch line without the group's other settings: {err}")
+        return head
+    skip = {c.removeprefix("cfg.") for c in AXES[g.axis]} | set(g.varies_with_scale) | {"param.name"}
+    extra = [
+        f"{key}={_hydra_value(value)}"
+        for key, value in sorted(g.fixed.items())
+        if key not in skip and not f"cfg.{key}".startswith(BOOKKEEPING) and key in defaults
+        and not _same(value, defaults[key])
+    ]
+    return head + extra
+
+
+def _defaults(param: str) -> dict[str, Any]:
+    """The flattened run config `hpt train param=<param>` starts from."""
+    from omegaconf import OmegaConf
+
+    from hptransfer.config import compose_run
+
+    return _flatten(OmegaConf.to_container(compose_run([f"param={param}"]), resolve=True))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is None or default is None:
+        return value is None and default is None
+    return value == default
+
+
+def _hydra_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back (2.0 as 2: the schema may want an int)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and any(ch in value for ch in " ,=[]{}()'\""):
+        return repr(value)
+    return str(value)
+
+
+def _compute(r: GroupResult, target: float) -> dict[str, float] | None:
+    """The group's FLOPs against one target run, extrapolated as flops ~ scale^p from the sweep's runs."""
+    runs = r.group.runs
+    if "flops" not in runs.columns:
+        return None
+    per_scale = pd.to_numeric(runs["flops"], errors="coerce").groupby(runs[r.group.axis]).median().dropna()
+    per_scale = per_scale[per_scale > 0]
+    if len(per_scale) < 2:
+        return None
+    p, c = np.polyfit(np.log2(per_scale.index.to_numpy(float)), np.log2(per_scale.to_numpy(float)), 1)
+    target_flops = float(2 ** (c + p * np.log2(target)))
+    sweep = float(pd.to_numeric(runs["flops"], errors="coerce").sum())
+    return {"sweep_flops": sweep, "target_run_flops": target_flops, "exponent": float(p),
+            "sweep_over_target": sweep / target_flops}
+
+
+def as_dict(p: Prediction) -> dict[str, Any]:
+    """The prediction as plain JSON values (what `hpt predict --json` prints)."""
+    return jsonable({
+        "label": p.label, "parameterization": p.parameterization, "axis": p.axis, "target": p.target,
+        "lr": p.lr, "lr_interval": None if p.interval is None else list(p.interval),
+        "doublings_beyond": p.doublings_beyond, "per_class_lr": p.per_class,
+        "command": "hpt train " + " ".join(p.overrides), "compute": p.compute, "notes": p.notes,
+    })
+
+
+def render(predictions: list[Prediction], console: Console) -> None:
+    """The predictions as short blocks of text: the lr, its interval, per class, compute, the launch line."""
+    for p in predictions:
+        where = f"{p.axis}={fmt_scale(p.target)}"
+        reach = (f"{p.doublings_beyond:.1f} doublings beyond the largest swept {p.axis}" if p.doublings_beyond > 0
+                 else f"within the swept {p.axis} range")
+        console.print(f"[bold]{escape(p.label)}[/bold] at {where} ({reach})", highlight=False)
+        interval = "-" if p.interval is None else f"{fmt_lr(p.interval[0])} - {fmt_lr(p.interval[1])}"
+        console.print(f"  learning rate   {fmt_lr(p.lr)}   (95% interval {interval})", highlight=False)
+        if p.per_class:
+            classes = "  ".join(f"{k} {fmt_lr(v)}" for k, v in p.per_class.items())
+            console.print(f"  per class       {classes}", highlight=False)
+        if p.compute:
+            c = p.compute
+            console.print(f"  compute         this sweep {c['sweep_flops']:.3g} FLOPs = {c['sweep_over_target']:.2g}x "
+                          f"one target run (~{c['target_run_flops']:.3g} FLOPs, flops ~ scale^{c['exponent']:.2f} "
+                          "fitted over the sweep)", highlight=False)
+        for note in p.notes:
+            console.print(f"  note            {note}", highlight=False, markup=False)
+        console.print(f"  launch          hpt train {' '.join(p.overrides)}", highlight=False, markup=False)
