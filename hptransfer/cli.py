@@ -188,6 +188,253 @@ def predict(
         render(predictions, console if console.is_terminal else Console(width=200))
 
 
+def wide(c: Console) -> Console:
+    """Piped output gets a wide console: tables must not be squeezed to 80 columns."""
+    return c if c.is_terminal else Console(width=200)
+
+
+Root = Annotated[Path | None, typer.Option("--root", help="Folder of sweeps (default: $HPT_ROOT, else ./runs).")]
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="A sweep file, e.g. conf/width.yaml.", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Hydra overrides: key=value for every run; key=a,b, choice(...) or range(...) to sweep a key; "
+             "launcher=slurm.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the grid, run count and compute; launch nothing.")]
+    = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also relaunch failed runs (never diverged).")]
+    = False,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1,
+                                             help="Local: runs at once (default: one per GPU, else per 2 cores).")]
+    = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Local: run in the background and return at once.")]
+    = False,
+    name: Annotated[str | None, typer.Option("--name", help="Sweep name (default: sweep.name of the file).")] = None,
+    root: Root = None,
+) -> None:
+    """Expand a sweep file's grid and launch every run that has no result yet.
+
+    Each run's config is frozen in runs/<sweep>/<run_id>/config.yaml (the id is a hash of it), so
+    the same command again launches nothing, a widened grid launches only the new points, and an
+    interrupted sweep resumes. Locally the runs go N at a time with a live display (Ctrl-C stops
+    them, recorded cancelled); with launcher=slurm they go as job arrays and the command returns.
+
+    Examples:
+      hpt sweep conf/width.yaml --dry-run
+      hpt sweep conf/width.yaml
+      hpt sweep conf/width.yaml model.width=64,128,256 'param=choice(sp,mup)' train.steps=200
+      hpt sweep conf/width.yaml --retry-failed
+      hpt sweep conf/depth.yaml launcher=slurm launcher.partition=gpu launcher.timeout_min=120
+    """
+    from hptransfer import launch, render
+    from hptransfer import sweep as sweeps
+    from hptransfer.store import SweepFolder, root_dir
+
+    spec = sweeps.load(sweep_file, overrides, name=name)
+    runs = sweeps.expand(spec)
+    launcher = launch.launcher_config(spec.launcher)
+    folder = SweepFolder(root_dir(root) / spec.name)
+    ids = [r.run_id for r in runs]
+    if dry_run:
+        to_launch = launch.launchable(folder, spec, runs, retry_failed)
+        out = wide(console)
+        out.print(render.plan(spec, runs, len(to_launch), launcher.name))
+        if isinstance(launcher, launch.SlurmLauncher):
+            out.print(render.slurm_plan(launcher, folder, len(to_launch), runs))
+        return
+    launch.prepare(folder, spec, runs)
+    if isinstance(launcher, launch.SlurmLauncher):
+        records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
+        arrays = sorted({r["job_id"].split("_")[0] for r in records})
+        console.print(f"sweep '{spec.name}': {len(records)} of {len(runs)} runs submitted to SLURM"
+                      + (f" as job {', '.join(arrays)}" if arrays else " (the rest have results or live jobs)")
+                      + f"; follow with: hpt status {spec.name} --watch", soft_wrap=True)
+        return
+    n_jobs = jobs or launch.default_jobs(launcher, launch.local_gpus())
+    order = launch.largest_first(runs)
+    if detach:
+        pid = launch.detach_local(folder, order, jobs=n_jobs, retry_failed=retry_failed)
+        console.print(f"sweep '{spec.name}': scheduler {pid} runs it in the background, {n_jobs} at a time "
+                      f"(log: {folder.path / 'scheduler.log'}); follow with: hpt status {spec.name} --watch",
+                      soft_wrap=True)
+        return
+    keys = [d.key for d in spec.dims if len(d.values) > 1]
+    try:
+        with render.LiveProgress(console, n_jobs, keys) as live:
+            progress = launch.run_local(folder, order, jobs=n_jobs, retry_failed=retry_failed, on_event=live)
+    except KeyboardInterrupt:
+        err_console.print("hpt: stopped; unfinished runs are recorded cancelled. Resume with the same command.",
+                          soft_wrap=True)
+        raise typer.Exit(130) from None
+    console.print(render.sweep_done(spec.name, progress, len(runs)), soft_wrap=True)
+    if progress.done["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep name or folder (default: every sweep).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: counts and every run.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until no run is pending or running.")] = False,
+    every: Annotated[float, typer.Option("--every", help="Seconds between refreshes with --watch.")] = 5.0,
+    root: Root = None,
+) -> None:
+    """Show each sweep's runs: pending, running, completed, diverged, failed, cancelled.
+
+    States come from the run folders and, for SLURM runs, from one sacct call (squeue when
+    accounting is missing). For one sweep: a grid of final validation loss with the scaling axis
+    against learning rate (best per row highlighted, `div` = diverged), every run with its job id,
+    attempts and loss, and the log tail of failed runs.
+
+    Examples:
+      hpt status
+      hpt status width
+      hpt status width --watch
+      hpt status width --json | jq '.width.runs[] | select(.state == "failed")'
+    """
+    import json
+    import time
+
+    from rich.live import Live
+
+    from hptransfer import render
+    from hptransfer.status import counts, run_states
+    from hptransfer.store import list_sweeps, open_sweep, root_dir
+
+    base = root_dir(root)
+    folders = [open_sweep(sweep, base)] if sweep else list_sweeps(base)
+    if not folders:
+        raise HptError(f"no sweeps in {base}")
+
+    def snapshot() -> dict[str, list]:
+        return {f.name: run_states(f) for f in folders}
+
+    if as_json:
+        data = {name: {"counts": counts(states), "runs": [s.as_dict() for s in states]}
+                for name, states in snapshot().items()}
+        print(json.dumps(data, indent=1, default=str))
+        return
+    if not watch:
+        wide(console).print(render.status_view(snapshot(), folders, detail=sweep is not None))
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            snap = snapshot()
+            live.update(render.status_view(snap, folders, detail=sweep is not None), refresh=True)
+            if not any(s.active for states in snap.values() for s in states):
+                break
+            time.sleep(every)
+
+
+@app.command()
+def collect(
+    sweeps: Annotated[list[str] | None, typer.Argument(help="Sweep names or folders (default: every sweep).")]
+    = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")] = Path("results.parquet"),
+    root: Root = None,
+) -> None:
+    """Write one row per run of the sweeps to Parquet: results, states, config, loss curve.
+
+    Columns (DESIGN.md): run_id, sweep, status, the result metrics, width, depth, batch_size,
+    tokens, parameterization, lr, every config value as cfg.<key>, and curve_step/curve_loss.
+    Runs without a result keep their state (pending, running, cancelled, failed) with null
+    metrics; a corrupt result.json is reported and skipped.
+
+    Examples:
+      hpt collect
+      hpt collect width depth --out results.parquet
+    """
+    from collections import Counter
+
+    from hptransfer import collect as collecting
+    from hptransfer.store import list_sweeps, open_sweep, root_dir
+
+    base = root_dir(root)
+    folders = [open_sweep(s, base) for s in sweeps] if sweeps else list_sweeps(base)
+    if not folders:
+        raise HptError(f"no sweeps in {base}")
+    table, problems = collecting.collect(folders)
+    for p in problems:
+        err_console.print(f"[yellow]hpt: warning:[/yellow] {p}", highlight=False, soft_wrap=True)
+    collecting.write(table, out)
+    by_state = Counter(table.column("status").to_pylist())
+    console.print(f"wrote {table.num_rows} runs of {', '.join(f.name for f in folders)} to {out} "
+                  f"({', '.join(f'{v} {k}' for k, v in sorted(by_state.items()))})", soft_wrap=True)
+
+
+@app.command()
+def cancel(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep name or folder (default: every sweep).")] = None,
+    root: Root = None,
+) -> None:
+    """Cancel a sweep's pending and running jobs (scancel on SLURM; locally, stop its scheduler).
+
+    Cancelled runs are recorded as such; the next `hpt sweep` launches them again.
+
+    Examples:
+      hpt cancel width
+      hpt cancel
+    """
+    from hptransfer import launch
+    from hptransfer.store import list_sweeps, open_sweep, root_dir
+
+    base = root_dir(root)
+    folders = [open_sweep(sweep, base)] if sweep else list_sweeps(base)
+    for f in folders:
+        n = launch.cancel(f)
+        if n or sweep:
+            console.print(f"sweep '{f.name}': cancelled {n} pending or running runs", soft_wrap=True)
+
+
+@app.command("coord-check")
+def coord_check(
+    overrides: Overrides = None,
+    widths: Annotated[str | None, typer.Option(
+        "--widths", help="Comma-separated widths (default: param.base_width x 1, 2, 4).", show_default=False)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps to record; step 1 is before any update.")] = 4,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds to average (train.seed, train.seed + 1, ...).")] = 2,
+    tol: Annotated[float, typer.Option("--tol", help="Largest |slope| that passes.")] = 0.1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (slopes, sizes, verdict) instead of a table.")]
+    = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a log-log plot of size against width (.png, "
+                                              ".pdf, .svg).", show_default=False)] = None,
+) -> None:
+    """The muP coordinate check: does every module's output size stay flat as width grows?
+
+    Trains the model at each width for a few steps on one fixed batch at a constant, fairly
+    large LR and records the mean |output| of the embedding, each attention (and its logits)
+    and MLP, the final norm and the logits at every step; then fits the log-log slope of size
+    against width per output and step. Pass: |slope| < --tol everywhere; the logits and
+    attention logits may shrink (their init part decays with width by design) unless the
+    readout or query is zero-initialised. SP at a large LR fails; mup and completep pass.
+    Check defaults, each overridable: optim.lr=0.004, optim.grad_clip=0, optim.weight_decay=0,
+    train.batch_size=8, train.seq_len=64. Exit code 0: pass, 1: fail, 2: bad input.
+
+    Examples:
+      hpt coord-check param=mup
+      hpt coord-check param=sp --plot sp.png
+      hpt coord-check param=completep model.n_layers=4 --widths 128,256,512 --json
+    """
+    import json
+
+    from hptransfer.train import coord
+
+    result = coord.coord_check(overrides or [], None if widths is None else coord.parse_widths(widths),
+                               steps=steps, seeds=seeds, tol=tol)
+    if plot is not None:
+        coord.plot(result, str(plot))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        out = wide(console)
+        out.print(coord.render_table(result))
+        out.print(f"[{'green' if result.passed else 'red'}]{coord.verdict(result)}[/]", highlight=False)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -22,7 +22,10 @@ def run(run_dir: Path) -> str:
         torch.set_num_threads(int(threads))
     from hptransfer.train.loop import run_folder
 
-    return run_folder(Path(run_dir))["status"]
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pt").exists():  # training resumes from it; say so in this attempt's log
+        print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
+    return run_folder(run_dir)["status"]
 
 
 class RunJob(submitit.helpers.Checkpointable):

@@ -231,7 +231,7 @@ class LocalScheduler:
         attempt = new_attempt(run_dir)
         (run_dir / "logs").mkdir(exist_ok=True)
         slot.log = open(run_dir / "logs" / f"attempt-{attempt}.log", "ab")  # noqa: SIM115 (closed in _ended)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        env = {"OMP_NUM_THREADS": str(self.threads), **os.environ}  # an explicit OMP_NUM_THREADS wins
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         # Its own session: the terminal's Ctrl-C reaches only the scheduler, which stops runs itself.
