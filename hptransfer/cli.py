@@ -242,7 +242,7 @@ def sweep(
         out = wide(console)
         out.print(render.plan(spec, runs, len(to_launch), launcher.name))
         if isinstance(launcher, launch.SlurmLauncher):
-            out.print(render.slurm_plan(launcher, folder, len(to_launch), runs))
+            out.print(render.slurm_plan(launcher, folder, len(to_launch), runs), soft_wrap=True)  # a script: no wrap
         return
     launch.prepare(folder, spec, runs)
     if isinstance(launcher, launch.SlurmLauncher):

@@ -93,7 +93,7 @@ def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> G
         lines.append(Text("warning: train.checkpoint_every is 0: a requeued run restarts from step 0", "yellow"))
     script = sbatch_script(launcher, folder.name, submitit_folder(folder), max(to_launch, 1))
     return Group(Text(), *lines, Text("sbatch script of the first array:", "bold"),
-                 Text(script, no_wrap=True, overflow="ignore"))
+                 Text(script))
 
 
 def sweep_done(name: str, progress: Any, total: int) -> Text:

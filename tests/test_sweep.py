@@ -1,6 +1,9 @@
 """Grid expansion: counts, log2 ranges, Hydra overrides, derived fields, stable run ids; the shipped sweep files."""
 
 import math
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,23 @@ def test_dry_run_shows_grid_and_compute_and_launches_nothing(tiny, tmp_path):
     assert "40 runs" in res.stdout and "2^-7.5" in res.stdout and "GPU-hours" in res.stdout
     assert "FLOPs" in res.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path):
+    """As submitit's own tests do: the generated sbatch script against tests/golden (paths normalised).
+
+    Regenerate after an intended change with UPDATE_GOLDEN=1.
+    """
+    res = cli("sweep", str(REPO / "conf" / "width.yaml"), "--root", str(tmp_path), "--dry-run", "launcher=slurm",
+              "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high", "launcher.constraint=h100",
+              "launcher.timeout_min=90", "launcher.mem_gb=16", "launcher.array_parallelism=8",
+              "launcher.setup=[module load cuda/12.4]", "+launcher.additional.mail-type=END")
+    assert res.returncode == 0, res.stderr
+    assert "42 runs as 1 job array(s)" in res.stdout and "8 at once" in res.stdout
+    script = res.stdout[res.stdout.index("#!/bin/bash"):].rstrip() + "\n"
+    script = re.sub(rf"{re.escape(str(tmp_path))}/width/slurm/[0-9-]+", "FOLDER", script)
+    script = script.replace(sys.executable, "PYTHON")
+    golden = REPO / "tests" / "golden" / "sbatch_width.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
