@@ -14,7 +14,8 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from hptransfer.store import SweepFolder, attempt_logs, heartbeat, log_tail, rea
 STATES = ("pending", "running", "completed", "diverged", "failed", "cancelled")
 HEARTBEAT_STALE_S = 600  # no heartbeat for this long, and no scheduler to ask: the run is not alive
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
+UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
 
 # SLURM job states -> (run state, reason, whether the job still holds the run)
 SLURM_STATES: dict[str, tuple[str, str, bool]] = {
@@ -64,7 +66,6 @@ class RunState:
     step: int | None = None
     result: dict[str, Any] | None = None
     log_tail: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float | None:
@@ -229,13 +230,18 @@ def _slurm_state(s: RunState, rec: dict[str, Any], scheduler: dict[str, str] | N
         s.reason = "SLURM not reachable" + ("" if alive else "; no recent heartbeat")
         return
     slurm = scheduler.get(rec["job_id"])
-    if slurm is None:  # submitted moments ago: accounting and the queue may not list it yet
-        s.state, s.reason, s.active = "pending", "submitted", True
+    if slurm is None and _age_s(rec.get("submitted_at")) < UNLISTED_GRACE_S:
+        s.state, s.reason, s.active = "pending", "submitted", True  # accounting and the queue may lag
+    elif slurm is None:
+        s.state, s.reason = "failed", f"job {rec['job_id']} is unknown to SLURM (sacct, squeue) and left no result"
     elif slurm == "GONE":
         s.state, s.reason = "failed", f"job {rec['job_id']} left the queue without a result"
     else:
         s.state, s.reason, s.active = SLURM_STATES.get(slurm, ("pending", slurm.lower(), True))
-        s.extra["slurm_state"] = slurm
+
+
+def _age_s(iso: str | None) -> float:
+    return time.time() - datetime.fromisoformat(iso).timestamp() if iso else float("inf")
 
 
 def _fresh(hb: dict[str, Any] | None) -> bool:

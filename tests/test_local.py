@@ -72,6 +72,8 @@ def test_a_second_sweep_launches_nothing_and_a_wider_grid_only_new_points(tiny, 
     assert all(r["final_val_loss"] > 0 and r["attempts"] == 1 for r in runs.values())
     view = hpt("status", "tiny", "--root", str(root)).stdout
     assert "opt lr" in view and "0.016" in view  # the grid: width x lr with the optimum named
+    watched = hpt("status", "--watch", "--root", str(root), timeout=60)  # nothing live: one refresh, done
+    assert watched.returncode == 0 and "tiny" in watched.stdout
     # A changed definition under the same name is refused, one line, nothing launched.
     changed = sweep(tiny, root, "optim.lr=0.004", "param=sp", "model.width=16", "sweep.seeds=[0]", "train.steps=11")
     assert changed.returncode == 2 and "different definition" in changed.stderr
