@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import HPT, hpt
 from tests.test_sweep import TINY_SWEEP
 
-# Long enough to be caught running (~1500 steps of a tiny model, ~5 ms each), with checkpoints to resume from.
-LONG = ["train.steps=1500", "train.log_every=50", "train.checkpoint_every=200"]
+# Long enough to be caught running (~1000 steps of a tiny model, ~5 ms each), with checkpoints to resume from.
+LONG = ["train.steps=1000", "train.log_every=50", "train.checkpoint_every=200"]
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_kill_9_is_failed_with_its_log_tail_and_retry_failed_resumes_it(tiny, tm
     assert run["state"] == "completed" and run["attempts"] == 2
     assert "hpt: resuming from" in (run_dir / "logs" / "attempt-2.log").read_text()
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["steps"] == 1500 and not (run_dir / "checkpoint.pt").exists()
+    assert result["steps"] == 1000 and not (run_dir / "checkpoint.pt").exists()
 
 
 def test_ctrl_c_records_cancelled_and_the_next_sweep_resumes(tiny, tmp_path):
@@ -168,3 +168,15 @@ def test_hpt_cancel_stops_a_detached_sweep(tiny, tmp_path):
     (run,) = status(root).values()
     assert run["state"] == "cancelled" and "SIGTERM" in run["reason"]
     shutil.rmtree(root)
+
+
+def test_a_diverged_run_is_a_result_never_retried(tiny, tmp_path):
+    root = tmp_path / "runs"
+    args = ["optim.lr=30", "param=sp", "model.width=16", "sweep.seeds=[0]", "optim.grad_clip=0"]
+    first = sweep(tiny, root, *args)
+    assert first.returncode == 0, first.stderr  # diverged is not a failure of the sweep
+    (run,) = status(root).values()
+    assert run["state"] == "diverged" and run["attempts"] == 1
+    again = sweep(tiny, root, *args, "--retry-failed")
+    assert again.returncode == 0 and "nothing to launch" in again.stdout
+    assert len(records(root, "started")) == 1

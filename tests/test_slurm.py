@@ -82,6 +82,13 @@ def no_sacct_path(tmp: Path) -> str:
     return str(bin_dir)
 
 
+def wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.5)
+
+
 def test_an_array_of_runs_completes_and_status_shows_it(root):
     runs = wait_states(root, "array", {"completed"})
     assert len(runs) == 4
@@ -102,11 +109,19 @@ def test_a_failing_run_surfaces_its_traceback(root):
     assert "failed" in text and "IndexError" in text
 
 
-def test_scancel_shows_cancelled_and_squeue_answers_without_accounting(root, tmp_path):
+def test_preemption_requeues_then_scancel_shows_cancelled(root, tmp_path):
     (run,) = wait_states(root, "scancel", {"running"}).values()
     # Without sacct (no accounting), squeue still tells a running job from a dead one.
     (blind,) = states(root, "scancel", env_path=no_sacct_path(tmp_path)).values()
     assert blind["state"] == "running"
+    run_dir = root / "scancel" / run["run_id"]
+    wait_for_file(run_dir / "checkpoint.pt", 60)
+    subprocess.run(["scontrol", "requeue", run["job_id"]], check=True)  # what preemption with requeue does
+    wait_for_file(run_dir / "logs" / "attempt-2.out", 90)
+    deadline = time.time() + 60
+    while "hpt: resuming from" not in (run_dir / "logs" / "attempt-2.out").read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "hpt: resuming from" in (run_dir / "logs" / "attempt-2.out").read_text()
     subprocess.run(["scancel", run["job_id"]], check=True)
     (run,) = wait_states(root, "scancel", {"cancelled"}, timeout=60).values()
     assert run["reason"] == "cancelled (scancel)"

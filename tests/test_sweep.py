@@ -120,6 +120,8 @@ def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):
         (["modl.width=1,2"], "cannot sweep 'modl.width'"),
         (["model.widht=16,32"], "model.widht"),
         (["optim.lr=[0.1"], "bad override"),
+        (["launcher=slurm", "launcher.mem_gb=lots"], "launcher.mem_gb"),
+        (["launcher=slurm", "+launcher.gpus=2"], "gpus"),
     ]:
         assert_one_line_error(cli("sweep", str(tiny), *args, "--dry-run", "--root", str(tmp_path)), needle)
     with pytest.raises(HptError, match="empty grid"):
