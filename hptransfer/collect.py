@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from hptransfer.config import RunConfig
 from hptransfer.io import write_atomic
 from hptransfer.status import RunState, run_states
-from hptransfer.store import SweepFolder
+from hptransfer.store import SweepFolder, flatten
 
 RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("sweep", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -68,16 +68,6 @@ def config_columns(cls: type = RunConfig, prefix: str = "cfg.") -> list[tuple[st
 SCHEMA = pa.schema(RESULT_COLUMNS + config_columns() + CURVE_COLUMNS)
 
 
-def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
     """The training loss per step from metrics.jsonl (a torn last line is skipped)."""
     steps, losses = [], []
@@ -114,7 +104,7 @@ def row(folder: SweepFolder, s: RunState, config: dict[str, Any]) -> dict[str, A
         "effective.duration_r": (eff.get("duration_rule") or {}).get("r"),
         **{f"env.{k}": (r.get("env") or {}).get(k) for k in ("torch", "device", "hptransfer", "host",
                                                               "git_commit", "git_dirty")},
-        **_flat(config, "cfg."),
+        **flatten(config, "cfg."),
     }
     if s.state == "failed" and not out["error"]:
         out["error"] = s.reason or None

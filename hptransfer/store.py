@@ -74,9 +74,6 @@ class SweepFolder:
         f = self.path / "manifest.parquet"
         return pd.read_parquet(f) if f.exists() else pd.DataFrame({"run_id": pd.Series(dtype=str)})
 
-    def run_ids(self) -> list[str]:
-        return self.manifest()["run_id"].tolist()
-
     def append_jobs(self, records: list[dict[str, Any]]) -> None:
         """Append job records in one write (O_APPEND: concurrent writers never interleave a line)."""
         if records:
@@ -159,14 +156,15 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         if path and isinstance(node, dict):
             node.pop(leaf, None)
-    return {"config": _flat(d), "axis": s["axis"]["key"], "grid": sorted(s["grid"])}
+    return {"config": flatten(d), "axis": s["axis"]["key"], "grid": sorted(s["grid"])}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -21,6 +21,10 @@ def tiny(tmp_path: Path) -> Path:
     return f
 
 
+def ids_of(folder: SweepFolder) -> list[str]:
+    return folder.manifest()["run_id"].tolist()
+
+
 def save(folder: SweepFolder, file: Path, *overrides: str) -> int:
     spec = sweep.load(file, list(overrides))
     return launch.prepare(folder, spec, sweep.expand(spec))
@@ -29,16 +33,16 @@ def save(folder: SweepFolder, file: Path, *overrides: str) -> int:
 def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
     folder = SweepFolder(tmp_path / "runs" / "tiny")
     assert save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]") == 4
-    ids = folder.run_ids()
+    ids = ids_of(folder)
     frozen = (folder.run_dir(ids[0]) / "config.yaml").read_text()
     assert frozen.startswith("# frozen by hpt sweep at ") and "git commit" in frozen
     assert json.loads(folder.manifest().loc[0, "config"])["model"]["width"] == 16
     # Widening adds rows and keeps the old ones (and their frozen configs, byte for byte).
     assert save(folder, tiny, "optim.lr=0.01,0.02", "sweep.seeds=[0]") == 4
-    assert folder.run_ids()[:4] == ids and len(folder.run_ids()) == 8
+    assert ids_of(folder)[:4] == ids and len(ids_of(folder)) == 8
     assert (folder.run_dir(ids[0]) / "config.yaml").read_text() == frozen
     # A narrower grid is the same definition: nothing new, nothing lost.
-    assert save(folder, tiny, "optim.lr=0.02", "sweep.seeds=[0]") == 0 and len(folder.run_ids()) == 8
+    assert save(folder, tiny, "optim.lr=0.02", "sweep.seeds=[0]") == 0 and len(ids_of(folder)) == 8
     # Launcher settings may change between launches.
     assert save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "launcher.jobs=4") == 0
 
@@ -53,7 +57,7 @@ def test_a_different_definition_under_the_same_name_is_refused(tiny, tmp_path):
     tiny.write_text(TINY_SWEEP.replace("base_width: 16", "base_width: 8"))  # an edited file, same name
     with pytest.raises(HptError, match="param.base_width"):
         save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
-    assert len(folder.run_ids()) == 4
+    assert len(ids_of(folder)) == 4
 
 
 def test_result_files_are_read_defensively(tmp_path):
@@ -72,7 +76,7 @@ def test_result_files_are_read_defensively(tmp_path):
 def test_states_from_records_and_processes(tiny, tmp_path):
     folder = SweepFolder(tmp_path / "runs" / "tiny")
     save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
-    a, b, c, d = folder.run_ids()
+    a, b, c, d = ids_of(folder)
     dead = subprocess.Popen(["true"])
     dead.wait()
     me = {"pid": dead.pid, "start": 1, "host": __import__("socket").gethostname()}
