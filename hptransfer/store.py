@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from hptransfer.config import to_yaml
+from hptransfer.config import run_config, to_yaml
 from hptransfer.errors import HptError
 from hptransfer.io import write_atomic
 from hptransfer.sweep import SEED_KEY, Run, SweepSpec
@@ -108,12 +108,14 @@ class SweepFolder:
         new_def = self.check(spec)
         old_rows = self.manifest()
         known = set(old_rows["run_id"])
-        rows = [{"run_id": r.run_id, **r.point, "config": json.dumps(OmegaConf.to_container(r.config))}
-                for r in runs if r.run_id not in known]
+        rows = []
         for r in runs:
-            folder = self.run_dir(r.run_id)
-            if not (folder / "config.yaml").exists():  # frozen: never rewritten, jobs read only this
-                write_atomic(folder / "config.yaml", header + to_yaml(r.config))
+            if r.run_id in known:  # its config.yaml is frozen: never rewritten, jobs read only this
+                continue
+            frozen = run_config(r.config)
+            rows.append({"run_id": r.run_id, **r.point, "config": json.dumps(OmegaConf.to_container(frozen))})
+            if not (self.run_dir(r.run_id) / "config.yaml").exists():
+                write_atomic(self.run_dir(r.run_id) / "config.yaml", header + to_yaml(frozen))
         write_atomic(self.path / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(new_def)))
         if rows:
             table = pd.concat([old_rows, pd.DataFrame(rows)], ignore_index=True) if known else pd.DataFrame(rows)

@@ -24,6 +24,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config import RunConfig, compose_file, heads_and_dim, run_config, run_id, steps_of, validate
+from hptransfer.config import RunConfig, compose_file, heads_and_dim, run_id, steps_of, validate
 from hptransfer.errors import HptError
 
 GROUPS = frozenset({"model", "param", "optim", "data", "train", "launcher"})  # Hydra config groups
@@ -70,7 +71,7 @@ class SweepSpec:
 
 @dataclass
 class Run:
-    """One point of the grid: its swept values and its frozen config (launcher excluded)."""
+    """One point of the grid: its swept values and its validated config (`config.run_config` of it is frozen)."""
 
     run_id: str
     point: dict[str, Any]
@@ -199,7 +200,7 @@ def expand(spec: SweepSpec) -> list[Run]:
         rid = run_id(cfg)
         if rid in runs:
             raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
-        runs[rid] = Run(rid, point, run_config(cfg))
+        runs[rid] = Run(rid, point, cfg)
     return list(runs.values())
 
 
@@ -234,17 +235,27 @@ def derived_fields(cfg: DictConfig) -> dict[str, Any]:
     from hptransfer.train.rules import apply_rules
 
     n_heads, _, _ = heads_and_dim(cfg.model, cfg.model.width)
-    steps = steps_of(cfg)
     _, effective = apply_rules(cfg)
-    return {"n_heads": n_heads, "steps": steps, "tokens": steps * cfg.train.batch_size * cfg.train.seq_len,
-            "lr_effective": effective["lr"]}
+    return {"n_heads": n_heads, "steps": steps_of(cfg), "tokens": tokens_of(cfg), "lr_effective": effective["lr"]}
+
+
+def tokens_of(cfg: DictConfig) -> int:
+    return steps_of(cfg) * cfg.train.batch_size * cfg.train.seq_len
 
 
 def estimate_flops(cfg: DictConfig) -> float:
-    """Training FLOPs of one run by the formula training reports (parameters counted on the meta device)."""
+    """Training FLOPs of one run by the formula training reports."""
     from hptransfer.train.loop import train_flops
-    from hptransfer.train.model import dims_of, param_specs
+    from hptransfer.train.model import dims_of
 
-    n_non_emb = sum(math.prod(s.shape) for s in param_specs(cfg).values() if s.cls != "E")
     d = dims_of(cfg)
-    return train_flops(n_non_emb, d.n_layers, d.width, cfg.train.seq_len, derived_fields(cfg)["tokens"])
+    return train_flops(_non_embedding_params(d), d.n_layers, d.width, cfg.train.seq_len, tokens_of(cfg))
+
+
+@cache
+def _non_embedding_params(dims: Any) -> int:
+    """Parameters outside the embeddings of a model shape (counted on the meta device, once per shape)."""
+    from hptransfer.train.model import param_shapes
+    from hptransfer.train.param import classify
+
+    return sum(math.prod(shape) for name, shape in param_shapes(dims).items() if classify(name, shape) != "E")

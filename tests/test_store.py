@@ -36,6 +36,7 @@ def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
     ids = ids_of(folder)
     frozen = (folder.run_dir(ids[0]) / "config.yaml").read_text()
     assert frozen.startswith("# frozen by hpt sweep at ") and "git commit" in frozen
+    assert "launcher" not in frozen  # launcher settings are not part of a run
     assert json.loads(folder.manifest().loc[0, "config"])["model"]["width"] == 16
     # Widening adds rows and keeps the old ones (and their frozen configs, byte for byte).
     assert save(folder, tiny, "optim.lr=0.01,0.02", "sweep.seeds=[0]") == 4
