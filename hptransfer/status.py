@@ -155,8 +155,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 
 def run_states(folder: SweepFolder, *, ask_scheduler: bool = True) -> list[RunState]:
     """Every run of the sweep, in manifest order, with its state."""
-    manifest = folder.manifest()
-    points = manifest.drop(columns=["config"], errors="ignore").to_dict("records")
+    points = folder.manifest(configs=False).to_dict("records")
     latest: dict[str, dict[str, Any]] = {}
     for rec in folder.job_records():
         latest[rec["run_id"]] = rec

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from hptransfer.config import run_config, to_yaml
@@ -70,9 +71,13 @@ class SweepFolder:
         f = self.path / "sweep.yaml"
         return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
 
-    def manifest(self) -> pd.DataFrame:
+    def manifest(self, *, configs: bool = True) -> pd.DataFrame:
+        """One row per run: run_id, the swept values and (unless `configs=False`) the config as JSON."""
         f = self.path / "manifest.parquet"
-        return pd.read_parquet(f) if f.exists() else pd.DataFrame({"run_id": pd.Series(dtype=str)})
+        if not f.exists():
+            return pd.DataFrame({"run_id": pd.Series(dtype=str)})
+        columns = None if configs else [c for c in pq.read_schema(f).names if c != "config"]
+        return pd.read_parquet(f, columns=columns)
 
     def append_jobs(self, records: list[dict[str, Any]]) -> None:
         """Append job records in one write (O_APPEND: concurrent writers never interleave a line)."""
