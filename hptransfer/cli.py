@@ -392,7 +392,8 @@ def cancel(
 def coord_check(
     overrides: Overrides = None,
     widths: Annotated[str | None, typer.Option(
-        "--widths", help="Comma-separated widths (default: param.base_width x 1, 2, 4).", show_default=False)] = None,
+        "--widths", help="Comma-separated widths (default: param.base_width x 1, 2, 4, 8).", show_default=False)]
+    = None,
     steps: Annotated[int, typer.Option("--steps", help="Steps to record; step 1 is before any update.")] = 4,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds to average (train.seed, train.seed + 1, ...).")] = 2,
     tol: Annotated[float, typer.Option("--tol", help="Largest |slope| that passes.")] = 0.1,
@@ -401,16 +402,20 @@ def coord_check(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a log-log plot of size against width (.png, "
                                               ".pdf, .svg).", show_default=False)] = None,
 ) -> None:
-    """The muP coordinate check: does every module's output size stay flat as width grows?
+    """The muP coordinate check: do output sizes stay flat as the model widens?
 
-    Trains the model at each width for a few steps on one fixed batch at a constant, fairly
-    large LR and records the mean |output| of the embedding, each attention (and its logits)
-    and MLP, the final norm and the logits at every step; then fits the log-log slope of size
-    against width per output and step. Pass: |slope| < --tol everywhere; the logits and
-    attention logits may shrink (their init part decays with width by design) unless the
-    readout or query is zero-initialised. SP at a large LR fails; mup and completep pass.
-    Check defaults, each overridable: optim.lr=0.004, optim.grad_clip=0, optim.weight_decay=0,
-    train.batch_size=8, train.seq_len=64. Exit code 0: pass, 1: fail, 2: bad input.
+    Trains the model at each width for a few steps on one fixed batch at a
+    constant, fairly large LR, records the mean |output| of the embedding,
+    each attention (and its logits) and MLP, the final norm and the logits
+    at every step (step 1: before any update), and fits the log-log slope
+    of size against width per output and step. Pass: |slope| < --tol
+    everywhere; the logits and attention logits may shrink (their init part
+    decays with width by design) unless the readout or query is
+    zero-initialised. SP at a large LR fails; mup and completep pass.
+
+    The check's defaults, each overridable: optim.lr=0.001, optim.grad_clip=0,
+    optim.weight_decay=0, train.batch_size=8, train.seq_len=32.
+    Exit code 0: pass, 1: fail, 2: bad input.
 
     Examples:
       hpt coord-check param=mup
@@ -421,6 +426,8 @@ def coord_check(
 
     from hptransfer.train import coord
 
+    if plot is not None:
+        coord.plot_format(str(plot))  # a bad file name fails now, not after the training
     result = coord.coord_check(overrides or [], None if widths is None else coord.parse_widths(widths),
                                steps=steps, seeds=seeds, tol=tol)
     if plot is not None:
