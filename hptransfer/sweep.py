@@ -12,9 +12,9 @@ A sweep file is a Hydra config that composes the base run config and adds a `swe
       seeds: [0]
 
 `load` composes it with the command line. Hydra's sweep grammar (`key=a,b`, `choice(...)`,
-`range(...)`) sets or replaces one dimension (the axis when the key is the axis key); a plain
-override of a swept key narrows that dimension to its one value; every other override applies to
-every run. `expand` crosses axis x grid x seeds: each point is composed (config groups as group
+`range(...)`; `tag(log2, range(-10,-3.5,0.5))` for powers of two) sets or replaces one dimension
+(the axis when the key is the axis key); a plain override of a swept key narrows that dimension
+to its one value; every other override applies to every run. `expand` crosses axis x grid x seeds: each point is composed (config groups as group
 overrides, keys set on the composed config, as Hydra's own command line would), its derived
 fields filled in, validated, and identified by `config.run_id`.
 """
@@ -124,7 +124,10 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, tuple[Any, ...]], 
         if not o.is_sweep_override():
             plain.append(o)
         elif o.is_discrete_sweep():
-            sweeps[o.key_or_group] = _values(o.input_line, list(o.sweep_iterator()))
+            values = list(o.sweep_iterator())
+            if "log2" in o.value().tags:  # tag(log2, range(-10,-3.5,0.5)): the values are exponents
+                values = [_pow2(e) for e in values]
+            sweeps[o.key_or_group] = _values(o.input_line, values)
         else:
             raise HptError(f"'{o.input_line}': only lists, choice() and range() can be swept here")
     return sweeps, plain
@@ -178,8 +181,12 @@ def _log2_range(where: str, spec: dict[str, Any]) -> list[float | int]:
     if hi < lo or step <= 0:
         raise HptError(f"{where}: log2 range needs lo <= hi and step > 0, got {spec}")
     n = math.floor((hi - lo) / step + 1e-9)
-    exponents = [lo + i * step for i in range(n + 1)]
-    return [int(2**e) if e >= 0 and float(e).is_integer() else 2.0**e for e in exponents]
+    return [_pow2(lo + i * step) for i in range(n + 1)]
+
+
+def _pow2(e: float) -> float | int:
+    """2^e, an integer when e is a whole number >= 0 (widths, batch sizes)."""
+    return int(2**e) if e >= 0 and float(e).is_integer() else 2.0**e
 
 
 def expand(spec: SweepSpec) -> list[Run]:

@@ -53,6 +53,10 @@ def test_log2_range_is_one_line_and_exact(tiny):
     lrs = sweep.load(tiny).dims[1].values
     assert lrs == tuple(2.0**e for e in (-8, -7.5, -7, -6.5, -6))
     assert sweep._values("w", {"log2": [5, 7]}) == (32, 64, 128)  # whole exponents >= 0: integers
+    # The same on the command line, in Hydra's grammar:
+    dims = {d.key: d.values for d in sweep.load(tiny, ["optim.lr=tag(log2,range(-8,-5.5,0.5))",
+                                                        "model.width=tag(log2,choice(4,5))"]).dims}
+    assert dims["optim.lr"] == lrs and dims["model.width"] == (16, 32)
     for bad in ({"log2": [-4, -8]}, {"log2": [1]}, {"log2": [0, 2], "step": 0}, {"log2": [0, 2], "base": 10}):
         with pytest.raises(HptError, match="log2"):
             sweep._values("sweep.grid.optim.lr", bad)
