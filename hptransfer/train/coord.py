@@ -295,7 +295,7 @@ def verdict(result: CoordResult) -> str:
     """One line: PASS, or FAIL with the count and the worst cell."""
     if result.passed:
         shrinking = sum(s is not None and abs(s) >= result.tol for mod in result.may_shrink for s in result.slopes[mod])
-        allowed = f", but {shrinking} shrinking logits cells (allowed: their init part)" if shrinking else ""
+        allowed = f" (bar {shrinking} cells of shrinking logits, allowed: their init part)" if shrinking else ""
         return f"PASS: every output's size is flat in width (|slope| < {result.tol:g}) at every step{allowed}"
     bad = result.failures()
     mod, step, slope = max(bad, key=lambda f: math.inf if f[2] is None else abs(f[2]))
