@@ -207,7 +207,7 @@ def sweep(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also relaunch failed runs (never diverged).")]
     = False,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1,
-                                             help="Local: runs at once (default: one per GPU, else per 2 cores).")]
+                                             help="Local: runs at once (default: one per GPU, else one per core).")]
     = None,
     detach: Annotated[bool, typer.Option("--detach", help="Local: run in the background and return at once.")]
     = False,

@@ -82,9 +82,9 @@ def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -
 
 def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> Group:
     """How the runs would go to SLURM: arrays, parallelism, requeue readiness, and the sbatch script."""
-    from hptransfer.launch import max_array_size, sbatch_script, submitit_folder
+    from hptransfer.launch import array_size, sbatch_script, submitit_folder
 
-    size = max_array_size()
+    size = array_size(launcher)
     n_arrays = math.ceil(to_launch / size) if to_launch else 0
     lines = [Text(f"SLURM: {to_launch} runs as {n_arrays} job array(s) of at most {size} (MaxArraySize), "
                   f"{launcher.array_parallelism} at once, {launcher.timeout_min} min each, requeued up to "
