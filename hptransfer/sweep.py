@@ -14,9 +14,10 @@ A sweep file is a Hydra config that composes the base run config and adds a `swe
 `load` composes it with the command line. Hydra's sweep grammar (`key=a,b`, `choice(...)`,
 `range(...)`; `tag(log2, range(-10,-3.5,0.5))` for powers of two) sets or replaces one dimension
 (the axis when the key is the axis key); a plain override of a swept key narrows that dimension
-to its one value; every other override applies to every run. `expand` crosses axis x grid x seeds: each point is composed (config groups as group
-overrides, keys set on the composed config, as Hydra's own command line would), its derived
-fields filled in, validated, and identified by `config.run_id`.
+to its one value; every other override applies to every run. `expand` crosses axis x grid x
+seeds: each point is composed (config groups as group overrides, keys set on the composed config,
+as Hydra's own command line would), its derived fields filled in, validated, and identified by
+`config.run_id`.
 """
 
 import copy
