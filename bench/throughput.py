@@ -14,6 +14,7 @@ Examples:
 """
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -62,10 +63,12 @@ PEAKS: tuple[tuple[str, Peak], ...] = (
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    # The load says how much of the CPU other processes took: on a shared machine the figures move with it.
+    threads = f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
-            return f"CPU {line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    return f"CPU, {torch.get_num_threads()} threads"
+            return f"CPU {line.split(':', 1)[1].strip()}, {threads}"
+    return f"CPU, {threads}"
 
 
 def peak_flops(name: str, bf16: bool, given_tflops: float | None) -> float | None:
