@@ -166,10 +166,14 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated, from {','.join(VARIANTS)} "
                          "(default: all four on CUDA, the fp32 two on CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (torch.set_num_threads; default: torch's, one per core)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak TFLOP/s for MFU (default: from the GPU name; none on CPU)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.mlp=swiglu model.head_dim=64")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     overrides = [f"model.width={args.width}", f"model.n_layers={args.n_layers}", f"train.seq_len={args.seq_len}",
                  f"train.batch_size={args.batch_size}", f"param={args.param}", f"train.device={args.device}",
