@@ -11,6 +11,7 @@ SLURM: arrays of `job.RunJob` split at the cluster's MaxArraySize; submitit requ
 timeout or preemption and training resumes from its checkpoint. Submission returns at once.
 """
 
+import io
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -390,7 +391,12 @@ def submit_slurm(folder: SweepFolder, run_ids: list[str], launcher: SlurmLaunche
         executor = submitit.SlurmExecutor(folder=sub, max_num_timeout=launcher.max_requeue)
         executor.update_parameters(**sbatch_parameters(launcher, folder.name))
         for part in chunks(todo, array_size(launcher)):
-            jobs = executor.map_array(RunJob(), [str(folder.run_dir(s.run_id)) for s in part])
+            try:  # submitit prints sbatch's stderr itself on failure: it goes into our one-line error instead
+                with redirect_stderr(io.StringIO()):
+                    jobs = executor.map_array(RunJob(), [str(folder.run_dir(s.run_id)) for s in part])
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
+                sbatch = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                raise HptError(f"sbatch refused the job array: {sbatch}") from None
             batch = [{"event": "submitted", "run_id": s.run_id, "executor": "slurm", "job_id": job.job_id,
                       "folder": str(sub), "submitted_at": now(), **prov} for s, job in zip(part, jobs, strict=True)]
             folder.append_jobs(batch)  # recorded per array: a later failure loses no submitted job

@@ -232,7 +232,7 @@ class LiveProgress:
             self.live.console.print(
                 Text.assemble((f"{s.state:9}", STATE_STYLE[s.state]), f" {s.run_id} {point}",
                               f"  val loss {loss:.4f}" if loss is not None else f"  {s.reason}",
-                              (f"  [{done}/{p.total}]", "dim")), highlight=False)
+                              (f"  [{done}/{p.total}]", "dim")), highlight=False, soft_wrap=True)
         self.live.update(self._status(p))
 
     def _status(self, p: Any) -> RenderableType:

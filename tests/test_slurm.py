@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import HPT, cli
+from tests.conftest import HPT, assert_one_line_error, cli
 from tests.test_sweep import TINY_SWEEP
 
 pytestmark = pytest.mark.slurm
@@ -161,6 +161,14 @@ def test_a_timed_out_run_is_requeued_and_resumes_from_its_checkpoint(root):
     (run,) = wait_states(root, "requeue", {"cancelled"}, timeout=30).values()
 
 
+def test_a_refused_submission_is_one_line_and_launches_nothing(root):
+    res = cli("sweep", str(root.parent / "tiny.yaml"), "--name", "refused", "--root", str(root), *ON,
+              "optim.lr=0.004", "param=sp", "launcher.partition=no_such_partition")
+    assert_one_line_error(res, "sbatch refused the job array")
+    (run,) = states(root, "refused").values()
+    assert (run["state"], run["reason"]) == ("pending", "not launched")
+
+
 def test_collect_reads_it_all(root, tmp_path):
     out = tmp_path / "results.parquet"
     res = cli("collect", "--root", str(root), "--out", str(out))
@@ -170,7 +178,8 @@ def test_collect_reads_it_all(root, tmp_path):
     for r in rows:
         by_sweep.setdefault(r["sweep"], []).append(r["status"])
     assert by_sweep == {"array": ["completed"] * 4, "fail": ["failed"], "requeue": ["cancelled"],
-                        "scancel": ["cancelled"]}
+                        "scancel": ["cancelled"], "refused": ["pending"]}
     done = [r for r in rows if r["status"] == "completed"]
     assert all(r["curve_loss"] and r["job_id"] and r["flops"] > 0 for r in done)
     assert {r["parameterization"] for r in done} == {"sp", "mup"}
+

@@ -165,7 +165,7 @@ def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path):
               "launcher.timeout_min=90", "launcher.mem_gb=16", "launcher.array_parallelism=8",
               "launcher.setup=[module load cuda/12.4]", "+launcher.additional.mail-type=END")
     assert res.returncode == 0, res.stderr
-    assert "42 runs as 1 job array(s)" in res.stdout and "8 at once" in res.stdout
+    assert "84 runs as 1 job array(s)" in res.stdout and "8 at once" in res.stdout
     script = res.stdout[res.stdout.index("#!/bin/bash"):].rstrip() + "\n"
     script = re.sub(rf"{re.escape(str(tmp_path))}/width/slurm/[0-9-]+", "FOLDER", script)
     script = script.replace(sys.executable, "PYTHON")

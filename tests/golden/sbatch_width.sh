@@ -2,7 +2,7 @@
 
 # Parameters
 #SBATCH --account=proj
-#SBATCH --array=0-41%8
+#SBATCH --array=0-83%8
 #SBATCH --constraint=h100
 #SBATCH --cpus-per-task=8
 #SBATCH --error=FOLDER/%A_%a_0_log.err
