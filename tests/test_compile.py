@@ -37,12 +37,13 @@ def train(tmp_path: Path, name: str, *overrides: str) -> list[float]:
     return losses(tmp_path / name)
 
 
-def compiled_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str, **compile_kwargs: str) -> list[float]:
+def compiled_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str, *overrides: str,
+                   **compile_kwargs: str) -> list[float]:
     """The loss curve of `preset` trained with train.compile=true, graph breaks and recompiles being errors."""
     torch._dynamo.reset()  # a fresh cache: this model's first compile is not a recompile of the last test's
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, fullgraph=True, **compile_kwargs))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        return train(tmp_path, "compiled", f"param={preset}", "train.compile=true")
+        return train(tmp_path, "compiled", f"param={preset}", "train.compile=true", *overrides)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -53,6 +54,7 @@ def test_compile_every_preset_one_graph_same_losses(tmp_path: Path, monkeypatch:
 
 
 def test_inductor_trains_on_the_eager_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    eager = train(tmp_path, "eager", "param=mup")  # muP: multipliers on E, H and R, and 1/d attention
-    compiled = compiled_curve(tmp_path, monkeypatch, "mup")
+    one_layer = "model.n_layers=1"  # half the kernels to generate: a cold Inductor cache costs ~20 s a layer
+    eager = train(tmp_path, "eager", "param=mup", one_layer)  # muP: multipliers on E, H and R, 1/d attention
+    compiled = compiled_curve(tmp_path, monkeypatch, "mup", one_layer)
     assert compiled == pytest.approx(eager, rel=1e-4)  # fused kernels sum in another order
