@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ ENDLESS = ["optim.lr=0.004", "param=sp", "train.steps=1000000", "train.log_every
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but no SLURM cluster answers: .ci/run must start ../shared/slurm/setup-slurm.sh")
@@ -47,7 +48,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, args in submissions.items():
         res = cli("sweep", str(base / "tiny.yaml"), "--name", name, "--root", str(runs), *ON, *args)
         assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
-    return runs
+    yield runs
+    cli("cancel", "--root", str(runs))  # whatever a failed test left running (the endless runs)
 
 
 def states(root: Path, name: str, env_path: str | None = None) -> dict[str, dict]:
