@@ -153,7 +153,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 # ---- runs --------------------------------------------------------------------------------------------
 
 
-def run_states(folder: SweepFolder, *, ask_scheduler: bool = True) -> list[RunState]:
+def run_states(folder: SweepFolder) -> list[RunState]:
     """Every run of the sweep, in manifest order, with its state."""
     points = folder.manifest(configs=False).to_dict("records")
     latest: dict[str, dict[str, Any]] = {}
@@ -162,7 +162,7 @@ def run_states(folder: SweepFolder, *, ask_scheduler: bool = True) -> list[RunSt
     slurm_ids = [r["job_id"] for rid, r in latest.items()
                  if r.get("executor") == "slurm" and r.get("event") == "submitted"
                  and not (folder.run_dir(rid) / "result.json").exists()]
-    scheduler = slurm_states(slurm_ids) if ask_scheduler else None
+    scheduler = slurm_states(slurm_ids)
     states = []
     for point in points:
         rid = point.pop("run_id")
@@ -179,8 +179,9 @@ def _state(run_dir: Path, s: RunState, rec: dict[str, Any] | None, scheduler: di
     result, corrupt = read_result(run_dir)
     if result is not None:
         s.state, s.result, s.step = result["status"], result, result.get("steps")
-        s.reason = (result.get("error") or "").strip().splitlines()[0] if result["status"] == "failed" else ""
-        s.log_tail = result.get("error") if result["status"] == "failed" else None
+        if result["status"] == "failed":  # the error's first line is the reason; the traceback is the tail
+            s.reason = next(iter((result.get("error") or "failed").strip().splitlines()), "failed")
+            s.log_tail = result.get("error")
         return s
     if corrupt:
         s.state, s.reason, s.log_tail = "failed", corrupt, log_tail(run_dir)
