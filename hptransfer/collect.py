@@ -12,6 +12,7 @@ import io
 import json
 import types
 import typing
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +71,19 @@ SCHEMA = pa.schema(RESULT_COLUMNS + config_columns() + CURVE_COLUMNS)
 
 def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
     """The training loss per step from metrics.jsonl (a torn last line is skipped)."""
-    steps, losses = [], []
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        text = (run_dir / "metrics.jsonl").read_text().strip()
     except OSError:
         return [], []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in rec:
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
-    return steps, losses
+    try:  # one parse for the whole file; line by line only when a line is torn
+        records = json.loads("[" + text.replace("\n", ",") + "]")
+    except json.JSONDecodeError:
+        records = []
+        for line in text.splitlines():
+            with suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return [s for s, _ in curve], [v for _, v in curve]
 
 
 def row(folder: SweepFolder, s: RunState, config: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +116,7 @@ def collect(folders: list[SweepFolder]) -> tuple[pa.Table, list[str]]:
     """All runs of these sweeps as one table, and the problems found (corrupt result files)."""
     rows, problems = [], []
     for folder in folders:
-        manifest = folder.manifest()
-        configs = dict(zip(manifest["run_id"], manifest["config"], strict=True))
+        configs = {r["run_id"]: r["config"] for r in folder.manifest()}
         for s in run_states(folder):
             if s.result is None and s.reason.startswith(("corrupt", "partial")):
                 problems.append(f"{folder.name}/{s.run_id}: {s.reason}: skipped")

@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from itertools import product
 from statistics import mean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -17,7 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from hptransfer.status import STATES, RunState, counts
-from hptransfer.sweep import GPU_FLOPS_PER_S, Run, SweepSpec, derived_fields, estimate_flops
+
+if TYPE_CHECKING:  # the status views must not import Hydra: the plan imports sweep when it draws
+    from hptransfer.sweep import Run, SweepSpec
 
 LR_KEY = "optim.lr"
 STATE_STYLE = {"pending": "dim", "running": "yellow", "completed": "green", "diverged": "magenta",
@@ -48,14 +50,16 @@ def fmt_flops(x: float) -> str:
 # ---- hpt sweep --dry-run -----------------------------------------------------------------------------
 
 
-def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -> Group:
+def plan(spec: "SweepSpec", runs: "list[Run]", to_launch: int, launcher_name: str) -> Group:
     """Run count, the grid, derived fields and compute per axis value, and totals."""
+    from hptransfer.sweep import GPU_FLOPS_PER_S, derived_fields, estimate_flops
+
     dims = Table("dimension", "values", "n", title=f"sweep '{spec.name}': {len(runs)} runs", box=None,
                  header_style="bold", title_justify="left")
     for d in spec.dims:
         dims.add_row(d.key + (" (axis)" if d is spec.axis else ""), ", ".join(fmt_value(v) for v in d.values),
                      str(len(d.values)))
-    per_axis: dict[Any, list[Run]] = defaultdict(list)
+    per_axis: dict[Any, list] = defaultdict(list)
     for r in runs:
         per_axis[r.point[spec.axis.key]].append(r)
     derived = Table(short(spec.axis.key), "runs", "heads", "steps", "tokens/run", "FLOPs/run", "lr x (rules)",
@@ -80,7 +84,7 @@ def plan(spec: SweepSpec, runs: list[Run], to_launch: int, launcher_name: str) -
     return Group(dims, Text(), derived, Text(), totals)
 
 
-def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: list[Run]) -> Group:
+def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: "list[Run]") -> Group:
     """How the runs would go to SLURM: arrays, parallelism, requeue readiness, and the sbatch script."""
     from hptransfer.launch import array_size, sbatch_script, submitit_folder
 
@@ -117,10 +121,17 @@ def summary(per_sweep: dict[str, list[RunState]]) -> Table:
     return table
 
 
+RUN_ROWS = 100  # a longer sweep's table shows the runs that need attention first
+ATTENTION = {"failed": 0, "running": 1, "pending": 2, "cancelled": 3, "diverged": 4, "completed": 5}
+
+
 def runs_table(states: list[RunState], keys: list[str]) -> Table:
+    shown = states if len(states) <= RUN_ROWS else sorted(states, key=lambda s: ATTENTION[s.state])[:RUN_ROWS]
+    more = len(states) - len(shown)
     table = Table("run", *(short(k) for k in keys), "state", "job", "att", "step", "val loss", "reason",
-                  box=None, header_style="bold")
-    for s in states:
+                  box=None, header_style="bold", caption_justify="left",
+                  caption=f"... and {more} more runs: hpt status --json lists every run" if more else None)
+    for s in shown:
         loss = s.final_loss
         table.add_row(s.run_id, *(fmt_value(s.point.get(k)) for k in keys), Text(s.state, STATE_STYLE[s.state]),
                       s.job_id or "", str(s.attempts or ""), "" if s.step is None else str(s.step),

@@ -155,7 +155,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 
 def run_states(folder: SweepFolder) -> list[RunState]:
     """Every run of the sweep, in manifest order, with its state."""
-    points = folder.manifest(configs=False).to_dict("records")
+    points = folder.manifest(configs=False)
     latest: dict[str, dict[str, Any]] = {}
     for rec in folder.job_records():
         latest[rec["run_id"]] = rec

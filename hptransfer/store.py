@@ -21,16 +21,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from hptransfer.config import run_config, to_yaml
 from hptransfer.errors import HptError
 from hptransfer.io import write_atomic
-from hptransfer.sweep import SEED_KEY, Run, SweepSpec
+
+if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (sweep, config) at all
+    from hptransfer.sweep import Run, SweepSpec
 
 ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
 
@@ -71,13 +72,13 @@ class SweepFolder:
         f = self.path / "sweep.yaml"
         return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
 
-    def manifest(self, *, configs: bool = True) -> pd.DataFrame:
-        """One row per run: run_id, the swept values and (unless `configs=False`) the config as JSON."""
+    def manifest(self, *, configs: bool = True) -> list[dict[str, Any]]:
+        """One row per run, in order: run_id, the swept values and (unless `configs=False`) the config as JSON."""
         f = self.path / "manifest.parquet"
         if not f.exists():
-            return pd.DataFrame({"run_id": pd.Series(dtype=str)})
+            return []
         columns = None if configs else [c for c in pq.read_schema(f).names if c != "config"]
-        return pd.read_parquet(f, columns=columns)
+        return pq.read_table(f, columns=columns).to_pylist()
 
     def append_jobs(self, records: list[dict[str, Any]]) -> None:
         """Append job records in one write (O_APPEND: concurrent writers never interleave a line)."""
@@ -97,7 +98,7 @@ class SweepFolder:
                 continue
         return records
 
-    def check(self, spec: SweepSpec) -> dict[str, Any]:
+    def check(self, spec: "SweepSpec") -> dict[str, Any]:
         """The sweep's definition; an HptError naming the difference if this name holds a different one."""
         new = sweep_definition(spec)
         old = self.definition()
@@ -105,14 +106,16 @@ class SweepFolder:
             _check_same_definition(self.name, definition_key(old), definition_key(new))
         return new
 
-    def save(self, spec: SweepSpec, runs: list[Run], *, header: str) -> int:
+    def save(self, spec: "SweepSpec", runs: "list[Run]", *, header: str) -> int:
         """Write sweep.yaml, the manifest (old rows kept) and new runs' config.yaml; returns how many are new.
 
         Call under `lock()`. A sweep of this name defined differently is an HptError naming the difference.
         """
+        from hptransfer.config import run_config, to_yaml
+
         new_def = self.check(spec)
         old_rows = self.manifest()
-        known = set(old_rows["run_id"])
+        known = {r["run_id"] for r in old_rows}
         rows = []
         for r in runs:
             if r.run_id in known:  # its config.yaml is frozen: never rewritten, jobs read only this
@@ -123,14 +126,15 @@ class SweepFolder:
                 write_atomic(self.run_dir(r.run_id) / "config.yaml", header + to_yaml(frozen))
         write_atomic(self.path / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(new_def)))
         if rows:
-            table = pd.concat([old_rows, pd.DataFrame(rows)], ignore_index=True) if known else pd.DataFrame(rows)
+            union = old_rows + rows
+            columns = dict.fromkeys(k for r in union for k in r)  # in first-seen order: run_id, values, config
             buf = io.BytesIO()
-            table.to_parquet(buf, index=False)
+            pq.write_table(pa.table({k: [r.get(k) for r in union] for k in columns}), buf)
             write_atomic(self.path / "manifest.parquet", buf.getvalue())
         return len(rows)
 
 
-def sweep_definition(spec: SweepSpec) -> dict[str, Any]:
+def sweep_definition(spec: "SweepSpec") -> dict[str, Any]:
     """The composed sweep as launched: the file's config with its dimensions as the command line left them."""
     cfg = OmegaConf.to_container(spec.composed, resolve=True)
     axis, *grid, seeds = spec.dims
@@ -152,6 +156,8 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
     The swept keys themselves stay (adding a dimension changes every point), their values go; a swept
     config group keeps its subtree (the file's settings under it still matter).
     """
+    from hptransfer.sweep import SEED_KEY
+
     d = json.loads(json.dumps(definition))
     s = d.pop("sweep")
     d.pop("launcher", None)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hptransfer import collect, launch, sweep
+from hptransfer import collect, launch, render, sweep
 from hptransfer.errors import HptError
-from hptransfer.status import _expand_ids, run_states
+from hptransfer.status import RunState, _expand_ids, run_states
 from hptransfer.store import SweepFolder, read_result
 from tests.test_sweep import TINY_SWEEP
 
@@ -22,7 +22,7 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def ids_of(folder: SweepFolder) -> list[str]:
-    return folder.manifest()["run_id"].tolist()
+    return [r["run_id"] for r in folder.manifest()]
 
 
 def save(folder: SweepFolder, file: Path, *overrides: str) -> int:
@@ -37,7 +37,7 @@ def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
     frozen = (folder.run_dir(ids[0]) / "config.yaml").read_text()
     assert frozen.startswith("# frozen by hpt sweep at ") and "git commit" in frozen
     assert "launcher" not in frozen  # launcher settings are not part of a run
-    assert json.loads(folder.manifest().loc[0, "config"])["model"]["width"] == 16
+    assert json.loads(folder.manifest()[0]["config"])["model"]["width"] == 16
     # Widening adds rows and keeps the old ones (and their frozen configs, byte for byte).
     assert save(folder, tiny, "optim.lr=0.01,0.02", "sweep.seeds=[0]") == 4
     assert ids_of(folder)[:4] == ids and len(ids_of(folder)) == 8
@@ -117,3 +117,11 @@ def test_collect_has_explicit_types_even_without_results(tiny, tmp_path):
     assert {r["width"] for r in rows} == {16, 32} and rows[0]["cfg.train.steps"] == 10
     assert rows[0]["tokens"] == 10 * 4 * 32 and rows[0]["curve_loss"] == []
     assert str(schema.field("cfg.train.tokens").type) == "int64"  # null in every row, still an int column
+
+
+def test_a_long_runs_table_leads_with_the_runs_that_need_attention():
+    states = [RunState(f"run{i}", {"model.width": 16}, "completed") for i in range(150)]
+    states.append(RunState("broken", {"model.width": 32}, "failed", "IndexError: out of range"))
+    table = render.runs_table(states, ["model.width"])
+    assert table.row_count == render.RUN_ROWS and "51 more runs" in table.caption
+    assert next(iter(table.columns[0].cells)) == "broken"
