@@ -178,7 +178,7 @@ def _state(run_dir: Path, s: RunState, rec: dict[str, Any] | None, scheduler: di
     # The scheduler was asked before the result is read: a job seen finished has its result on disk.
     result, corrupt = read_result(run_dir)
     if result is not None:
-        s.state, s.result, s.step = result["status"], result, result.get("steps")
+        s.state, s.result, s.step, s.reason = result["status"], result, result.get("steps"), ""
         if result["status"] == "failed":  # the error's first line is the reason; the traceback is the tail
             s.reason = next(iter((result.get("error") or "failed").strip().splitlines()), "failed")
             s.log_tail = result.get("error")

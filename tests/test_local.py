@@ -69,7 +69,7 @@ def test_a_second_sweep_launches_nothing_and_a_wider_grid_only_new_points(tiny, 
     assert len(started) == 3 and len({r["run_id"] for r in started}) == 3
     runs = status(root)
     assert len(runs) == 3 and {r["state"] for r in runs.values()} == {"completed"}
-    assert all(r["final_val_loss"] > 0 and r["attempts"] == 1 for r in runs.values())
+    assert all(r["final_val_loss"] > 0 and r["attempts"] == 1 and r["reason"] == "" for r in runs.values())
     view = hpt("status", "tiny", "--root", str(root)).stdout
     assert "opt lr" in view and "0.016" in view  # the grid: width x lr with the optimum named
     watched = hpt("status", "--watch", "--root", str(root), timeout=60)  # nothing live: one refresh, done
