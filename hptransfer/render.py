@@ -69,7 +69,7 @@ def plan(spec: "SweepSpec", runs: "list[Run]", to_launch: int, launcher_name: st
         fields = [derived_fields(r.config) for r in group]
         flops = [estimate_flops(r.config) for r in group]
         total += sum(flops)
-        rule = {f["lr_effective"] / r.config.optim.lr for f, r in zip(fields, group, strict=True)}
+        rule = {f["lr_effective"] / r.config["optim"]["lr"] for f, r in zip(fields, group, strict=True)}
 
         def uniq(key: str, fields: list[dict[str, Any]] = fields) -> str:
             return ", ".join(str(v) for v in sorted({f[key] for f in fields}))
@@ -93,7 +93,7 @@ def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: "list[Run]") ->
     lines = [Text(f"SLURM: {to_launch} runs as {n_arrays} job array(s) of at most {size} (MaxArraySize), "
                   f"{launcher.array_parallelism} at once, {launcher.timeout_min} min each, requeued up to "
                   f"{launcher.max_requeue} times on timeout")]
-    if any(r.config.train.checkpoint_every == 0 for r in runs):
+    if any(r.config["train"]["checkpoint_every"] == 0 for r in runs):
         lines.append(Text("warning: train.checkpoint_every is 0: a requeued run restarts from step 0", "yellow"))
     script = sbatch_script(launcher, folder.name, submitit_folder(folder), max(to_launch, 1))
     return Group(Text(), *lines, Text("sbatch script of the first array:", "bold"),
@@ -121,16 +121,20 @@ def summary(per_sweep: dict[str, list[RunState]]) -> Table:
     return table
 
 
-RUN_ROWS = 100  # a longer sweep's table shows the runs that need attention first
-ATTENTION = {"failed": 0, "running": 1, "pending": 2, "cancelled": 3, "diverged": 4, "completed": 5}
+RUN_ROWS = 100  # a longer sweep's table shows only runs that need attention (its grids show the losses)
+ATTENTION = {"failed": 0, "running": 1, "pending": 2, "cancelled": 3}
 
 
 def runs_table(states: list[RunState], keys: list[str]) -> Table:
-    shown = states if len(states) <= RUN_ROWS else sorted(states, key=lambda s: ATTENTION[s.state])[:RUN_ROWS]
+    if len(states) <= RUN_ROWS:
+        shown = states
+    else:
+        shown = sorted((s for s in states if s.state in ATTENTION), key=lambda s: ATTENTION[s.state])[:RUN_ROWS]
     more = len(states) - len(shown)
     table = Table("run", *(short(k) for k in keys), "state", "job", "att", "step", "val loss", "reason",
                   box=None, header_style="bold", caption_justify="left",
-                  caption=f"... and {more} more runs: hpt status --json lists every run" if more else None)
+                  caption=f"... and {more} more runs (finished ones first left out): hpt status --json lists "
+                          f"every run" if more else None)
     for s in shown:
         loss = s.final_loss
         table.add_row(s.run_id, *(fmt_value(s.point.get(k)) for k in keys), Text(s.state, STATE_STYLE[s.state]),
@@ -149,16 +153,17 @@ def grids(states: list[RunState], axis: str, grid_keys: list[str]) -> list[Table
         return []
     others = [k for k in grid_keys if k != col]
     values = {k: _ordered(s.point.get(k) for s in states) for k in [axis, col, *others]}
+    cells_of: dict[tuple[Any, ...], list[RunState]] = defaultdict(list)  # one pass, not one per cell
+    for s in states:
+        cells_of[tuple(s.point.get(k) for k in [*others, axis, col])].append(s)
     tables = []
     for combo in product(*(values[k] for k in others)):
         fixed = dict(zip(others, combo, strict=True))
-        mine = [s for s in states if all(s.point.get(k) == v for k, v in fixed.items())]
         title = " ".join(f"{k}={v}" for k, v in fixed.items()) or "all runs"
         table = Table(short(axis), *(fmt_value(v) for v in values[col]), "opt " + short(col), box=None,
                       header_style="bold", title=title, title_justify="left")
         for a in values[axis]:
-            cells = [_cell([s for s in mine if s.point.get(axis) == a and s.point.get(col) == c])
-                     for c in values[col]]
+            cells = [_cell(cells_of.get((*combo, a, c), [])) for c in values[col]]
             losses = [loss for loss, _ in cells]
             finite = [x for x in losses if x is not None]
             best = min(finite) if finite else None

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from hptransfer import sweep
-from hptransfer.config import load_yaml, run_id, to_yaml
+from hptransfer.config import compose_file, load_yaml, run_config, run_id, to_yaml
 from hptransfer.errors import HptError
 from tests.conftest import REPO, assert_one_line_error, cli
 
@@ -45,8 +46,9 @@ def test_expansion_crosses_axis_grid_and_seeds(tiny):
     assert len({r.run_id for r in runs}) == len(runs)
     # Config groups are composed as groups: the mup runs carry the mup preset, the file's base width kept.
     mup = [r for r in runs if r.point["param"] == "mup"]
-    assert {r.config.param.name for r in mup} == {"mup"} and {r.config.param.base_width for r in mup} == {16}
-    assert {r.config.model.width for r in runs} == {16, 32}
+    assert {r.config["param"]["name"] for r in mup} == {"mup"}
+    assert {r.config["param"]["base_width"] for r in mup} == {16}
+    assert {r.config["model"]["width"] for r in runs} == {16, 32}
 
 
 def test_log2_range_is_one_line_and_exact(tiny):
@@ -74,7 +76,7 @@ def test_command_line_sweeps_replace_or_add_dimensions(tiny):
     assert spec.overrides == ["train.steps=12"]
     runs = sweep.expand(spec)
     assert len(runs) == 3 * 5 * 1 * 3 * 2
-    assert {r.config.train.steps for r in runs} == {12}
+    assert {r.config["train"]["steps"] for r in runs} == {12}
 
 
 def test_plain_override_of_a_swept_key_narrows_it(tiny):
@@ -82,7 +84,30 @@ def test_plain_override_of_a_swept_key_narrows_it(tiny):
     dims = {d.key: d.values for d in spec.dims}
     assert dims["optim.lr"] == (0.01,) and dims["param"] == ("mup",) and dims["model.width"] == (32,)
     assert spec.overrides == ["sweep.axis.values=[32]"]
-    assert {r.config.param.name for r in sweep.expand(spec)} == {"mup"}
+    assert {r.config["param"]["name"] for r in sweep.expand(spec)} == {"mup"}
+
+
+def test_expansion_equals_composing_each_point_with_hydra(tiny):
+    """The plain-data fast path gives every point the config (and id) Hydra's own command line gives it."""
+    overrides = ["optim.lr=1,0.5", "param.lr_mult.E=1,2", "train.tokens=2048", "train.seed=0"]
+    spec = sweep.load(tiny, overrides)
+    runs = sweep.expand(spec)
+    assert len(runs) == 2 * 2 * 2 * 2
+    for r in runs:
+        line = [f"{k}={v}" for k, v in r.point.items()]
+        reference = sweep.derive(run_config(compose_file(tiny, [*spec.overrides, *line])))
+        assert r.config == reference and r.run_id == run_id(reference)
+    assert {type(r.config["optim"]["lr"]) for r in runs} == {float}  # the int 1 typed as the schema says
+
+
+def test_config_yaml_is_omegaconfs_text_and_reads_back_identical(tiny):
+    cfg = sweep.expand(sweep.load(tiny))[0].config
+    for path in ["/tmp/a path: with 'quotes'", "yes", "1e-3", "null", "~", "#x", "a\nb", "é" * 100, ""]:
+        cfg = {**cfg, "data": {**cfg["data"], "path": path}, "optim": {**cfg["optim"], "eps": 1e-12, "lr": 3.0}}
+        text = to_yaml(cfg)
+        assert OmegaConf.to_container(OmegaConf.create(text)) == cfg
+        if "\n" not in path:  # a multi-line string is one JSON-quoted line, where OmegaConf folds it
+            assert text == OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
 def test_run_ids_are_stable_and_follow_the_config(tiny):
@@ -103,7 +128,7 @@ def test_steps_derive_from_tokens_and_batch(tmp_path):
     f.write_text(TINY_SWEEP.replace("steps: 10", "steps: 10, tokens: 4096").replace(
         "axis: {key: model.width, values: [16, 32]}", "axis: {key: train.batch_size, values: [4, 8, 16]}"))
     runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp", "sweep.seeds=[0]"]))
-    assert {r.point["train.batch_size"]: r.config.train.steps for r in runs} == {4: 32, 8: 16, 16: 8}
+    assert {r.point["train.batch_size"]: r.config["train"]["steps"] for r in runs} == {4: 32, 8: 16, 16: 8}
     fields = sweep.derived_fields(runs[0].config)
     assert fields["n_heads"] == 16 // 8 and fields["tokens"] == 4096
 
@@ -113,7 +138,7 @@ def test_interpolations_see_the_swept_value(tmp_path):
     f.write_text(TINY_SWEEP.replace("param: {base_width: 16, base_depth: 1}",
                                     "param: {base_width: '${model.width}', base_depth: 1}"))
     runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp"]))
-    assert {r.config.model.width: r.config.param.base_width for r in runs} == {16: 16, 32: 32}
+    assert {r.config["model"]["width"]: r.config["param"]["base_width"] for r in runs} == {16: 16, 32: 32}
 
 
 def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):

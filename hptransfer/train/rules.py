@@ -11,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from hptransfer.config import steps_of
 
 
-def apply_rules(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
-    eff = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    o, b, d = eff.optim, cfg.scaling.batch, cfg.scaling.duration
+def apply_rules(cfg: DictConfig | dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
+    """The config training uses (a copy; `cfg` keeps the base values) and the record of the rules applied."""
+    eff = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+    o, b, d = eff.optim, eff.scaling.batch, eff.scaling.duration
     record: dict[str, Any] = {"batch_rule": None, "duration_rule": None}
     if b.base is not None and (b.lr_rule != "none" or b.adam_rule != "none"):
-        k = cfg.train.batch_size / b.base
+        k = eff.train.batch_size / b.base
         if b.lr_rule == "sqrt":
             o.lr *= k**0.5
         elif b.lr_rule == "linear":
@@ -27,7 +28,7 @@ def apply_rules(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
             o.eps /= k**0.5
         record["batch_rule"] = {"k": k, "lr_rule": b.lr_rule, "adam_rule": b.adam_rule}
     if d.base_tokens is not None and (d.lr_rule != "none" or d.wd_rule != "none"):
-        tokens = steps_of(cfg) * cfg.train.batch_size * cfg.train.seq_len
+        tokens = steps_of(eff) * eff.train.batch_size * eff.train.seq_len
         r = tokens / d.base_tokens
         if d.lr_rule == "power":
             o.lr *= r**d.lr_exponent
