@@ -309,7 +309,7 @@ def status(
         raise HptError(f"no sweeps in {base}")
 
     def snapshot() -> dict[str, list]:
-        return {f.name: run_states(f) for f in folders}
+        return {f.name: run_states(f, summaries=True) for f in folders}
 
     if as_json:
         data = {name: {"counts": counts(states), "runs": [s.as_dict() for s in states]}

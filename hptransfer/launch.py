@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hptransfer.errors import HptError
+from hptransfer.provenance import git_state
 from hptransfer.status import RunState, exit_reason, is_launchable, process_alive, process_start, run_states
 from hptransfer.store import SweepFolder, new_attempt, read_result, set_aside_result
 from hptransfer.sweep import Run, SweepSpec
@@ -83,18 +83,8 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-@cache
-def provenance() -> dict[str, Any]:
-    """The code a submission runs: git commit and dirty state of hptransfer's working tree, if any."""
-    import torch
-
-    from hptransfer.train.loop import environment
-
-    env = environment(torch.device("cpu"))
-    return {"git_commit": env["git_commit"], "git_dirty": env["git_dirty"]}
-
-
 def config_header(prov: dict[str, Any]) -> str:
+    """The first line of a frozen config.yaml: when, and from which code."""
     commit = prov["git_commit"] or "none"
     dirty = " (dirty working tree)" if prov["git_dirty"] else ""
     return f"# frozen by hpt sweep at {now()}; hptransfer git commit {commit}{dirty}\n"
@@ -103,7 +93,7 @@ def config_header(prov: dict[str, Any]) -> str:
 def prepare(folder: SweepFolder, spec: SweepSpec, runs: list[Run]) -> int:
     """Write the sweep folder (under its lock); returns how many runs are new to it."""
     with folder.lock():
-        return folder.save(spec, runs, header=config_header(provenance()))
+        return folder.save(spec, runs, header=config_header(git_state()))
 
 
 def launchable(folder: SweepFolder, spec: SweepSpec, runs: list[Run], retry_failed: bool) -> list[str]:
@@ -308,7 +298,7 @@ def run_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_faile
               on_event: Callable[[str, RunState | None, Progress], None]) -> Progress:
     """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order."""
     me = {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname()}
-    prov = provenance()
+    prov = git_state()
     with claiming(folder, run_ids, retry_failed) as todo:
         folder.append_jobs([{"event": "queued", "run_id": s.run_id, "executor": "local", "job_id": None,
                              "scheduler": me, "submitted_at": now(), **prov} for s in todo])
@@ -382,7 +372,7 @@ def submit_slurm(folder: SweepFolder, run_ids: list[str], launcher: SlurmLaunche
 
     from hptransfer.job import RunJob
 
-    prov = provenance()
+    prov = git_state()
     records: list[dict[str, Any]] = []
     with claiming(folder, run_ids, retry_failed) as todo:
         if not todo:

@@ -9,6 +9,7 @@ does not answer, or its heartbeat when neither does. A job that ended without a 
 """
 
 import getpass
+import os
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 from hptransfer.store import SweepFolder, attempt_logs, heartbeat, log_tail, read_result
 
 STATES = ("pending", "running", "completed", "diverged", "failed", "cancelled")
+SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
 HEARTBEAT_STALE_S = 600  # no heartbeat for this long, and no scheduler to ask: the run is not alive
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
 UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
@@ -153,22 +155,67 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 # ---- runs --------------------------------------------------------------------------------------------
 
 
-def run_states(folder: SweepFolder) -> list[RunState]:
-    """Every run of the sweep, in manifest order, with its state."""
+def run_states(folder: SweepFolder, *, summaries: bool = False) -> list[RunState]:
+    """Every run of the sweep, in manifest order, with its state.
+
+    `summaries=True` (what `hpt status` shows): a finished run's `result` holds only SUMMARY_KEYS, and
+    runs whose result.json is unchanged since the last such call come from the sweep's status cache
+    (one stat each instead of reading the file and listing its logs).
+    """
     points = folder.manifest(configs=False)
     latest: dict[str, dict[str, Any]] = {}
     for rec in folder.job_records():
         latest[rec["run_id"]] = rec
     slurm_ids = [r["job_id"] for rid, r in latest.items()
                  if r.get("executor") == "slurm" and r.get("event") == "submitted"
-                 and not (folder.run_dir(rid) / "result.json").exists()]
+                 and not os.path.exists(f"{folder.path}/{rid}/result.json")]
     scheduler = slurm_states(slurm_ids)
+    cache = folder.status_cache() if summaries else None
+    fresh: dict[str, list[Any]] = {}
     states = []
     for point in points:
         rid = point.pop("run_id")
-        s = _state(folder.run_dir(rid), RunState(rid, point, "pending", "not launched"), latest.get(rid), scheduler)
+        s = RunState(rid, point, "pending", "not launched")
+        rec = latest.get(rid)
+        if cache is not None and _from_cache(folder, s, cache, fresh):
+            s.job_id, s.executor = (rec.get("job_id"), rec.get("executor")) if rec else (None, None)
+        else:
+            _state(folder.run_dir(rid), s, rec, scheduler)
+            if cache is not None:
+                _to_cache(folder, s, fresh)
         states.append(s)
+    if cache is not None and fresh != cache:
+        folder.save_status_cache(fresh)
     return states
+
+
+def _result_key(folder: SweepFolder, rid: str) -> list[int] | None:
+    """What identifies one result.json: a new file (written once, by rename) has a new inode and mtime."""
+    try:
+        st = os.stat(f"{folder.path}/{rid}/result.json")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def _from_cache(folder: SweepFolder, s: RunState, cache: dict[str, list[Any]], fresh: dict[str, list[Any]]) -> bool:
+    entry = cache.get(s.run_id)
+    if entry is None or entry[0] != _result_key(folder, s.run_id):
+        return False
+    _, s.attempts, s.result = entry
+    s.state, s.step, s.reason = s.result["status"], s.result.get("steps"), ""
+    fresh[s.run_id] = entry
+    return True
+
+
+def _to_cache(folder: SweepFolder, s: RunState, fresh: dict[str, list[Any]]) -> None:
+    """Keep a finished run's summary (a failed one is read again: its error is the reason and the tail)."""
+    if s.result is None or s.state not in ("completed", "diverged"):
+        return
+    s.result = {k: s.result.get(k) for k in SUMMARY_KEYS}
+    key = _result_key(folder, s.run_id)  # after the read: a file replaced since is a miss next time
+    if key is not None:
+        fresh[s.run_id] = [key, s.attempts, s.result]
 
 
 def _state(run_dir: Path, s: RunState, rec: dict[str, Any] | None, scheduler: dict[str, str] | None) -> RunState:

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from hptransfer.errors import HptError
-from hptransfer.io import write_atomic
+from hptransfer.io import write_atomic, write_many_atomic
 
 if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (sweep, config) at all
     from hptransfer.sweep import Run, SweepSpec
 
 ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
+STATUS_CACHE = ".status-cache.json"
 
 
 def root_dir(root: Path | None = None) -> Path:
@@ -77,8 +78,9 @@ class SweepFolder:
         f = self.path / "manifest.parquet"
         if not f.exists():
             return []
-        columns = None if configs else [c for c in pq.read_schema(f).names if c != "config"]
-        return pq.read_table(f, columns=columns).to_pylist()
+        manifest = pq.ParquetFile(f)  # not pq.read_table: that imports pandas (0.3 s of every `hpt status`)
+        columns = None if configs else [c for c in manifest.schema_arrow.names if c != "config"]
+        return manifest.read(columns=columns).to_pylist()
 
     def append_jobs(self, records: list[dict[str, Any]]) -> None:
         """Append job records in one write (O_APPEND: concurrent writers never interleave a line)."""
@@ -87,16 +89,36 @@ class SweepFolder:
                 f.write("".join(json.dumps(r, default=str) + "\n" for r in records))
 
     def job_records(self) -> list[dict[str, Any]]:
-        """Every job record, oldest first; a torn last line (a writer killed mid-write) is skipped."""
-        if not self.jobs_file.exists():
+        """Every job record, oldest first; a torn line (a writer killed mid-write) is skipped."""
+        try:
+            text = self.jobs_file.read_text()
+        except FileNotFoundError:
             return []
-        records = []
-        for line in self.jobs_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        lines = text.splitlines()
+        try:  # one parse for the whole file; line by line only when a line is torn
+            return json.loads("[" + ",".join(lines) + "]")
+        except json.JSONDecodeError:
+            records = []
+            for line in lines:
+                with suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+            return records
+
+    def status_cache(self) -> dict[str, list[Any]]:
+        """`hpt status`'s cache of finished runs: run_id -> [result.json's key, attempts, result summary].
+
+        Derived data, disposable: any problem reading it is an empty cache.
+        """
+        try:
+            cache = json.loads((self.path / STATUS_CACHE).read_text())
+            return cache["runs"] if cache.get("version") == 1 else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def save_status_cache(self, runs: dict[str, list[Any]]) -> None:
+        """Atomic but not fsync'd (a lost cache costs one slower `hpt status`); a read-only folder is fine."""
+        with suppress(OSError):
+            write_atomic(self.path / STATUS_CACHE, json.dumps({"version": 1, "runs": runs}), sync=False)
 
     def check(self, spec: "SweepSpec") -> dict[str, Any]:
         """The sweep's definition; an HptError naming the difference if this name holds a different one."""
@@ -111,25 +133,27 @@ class SweepFolder:
 
         Call under `lock()`. A sweep of this name defined differently is an HptError naming the difference.
         """
-        from hptransfer.config import run_config, to_yaml
+        from hptransfer.config import to_yaml
 
         new_def = self.check(spec)
         old_rows = self.manifest()
         known = {r["run_id"] for r in old_rows}
-        rows = []
+        rows, configs = [], {}
         for r in runs:
             if r.run_id in known:  # its config.yaml is frozen: never rewritten, jobs read only this
                 continue
-            frozen = run_config(r.config)
-            rows.append({"run_id": r.run_id, **r.point, "config": json.dumps(OmegaConf.to_container(frozen))})
-            if not (self.run_dir(r.run_id) / "config.yaml").exists():
-                write_atomic(self.run_dir(r.run_id) / "config.yaml", header + to_yaml(frozen))
+            rows.append({"run_id": r.run_id, **r.point, "config": r.config_json})
+            path = Path(f"{self.path}/{r.run_id}/config.yaml")
+            if not os.path.exists(path):
+                configs[path] = header + to_yaml(r.config)
+        # The configs before the manifest: a run the manifest lists always has its config.yaml.
+        write_many_atomic(configs)
         write_atomic(self.path / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(new_def)))
         if rows:
             union = old_rows + rows
             columns = dict.fromkeys(k for r in union for k in r)  # in first-seen order: run_id, values, config
             buf = io.BytesIO()
-            pq.write_table(pa.table({k: [r.get(k) for r in union] for k in columns}), buf)
+            pq.write_table(pa.Table.from_pydict({k: [r.get(k) for r in union] for k in columns}), buf)
             write_atomic(self.path / "manifest.parquet", buf.getvalue())
         return len(rows)
 
@@ -218,9 +242,9 @@ RESULT_REQUIRED = ("run_id", "status", "final_train_loss", "final_val_loss")
 
 def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(result, None), (None, None) when there is none yet, or (None, why) for a corrupt or partial file."""
-    f = run_dir / "result.json"
     try:
-        text = f.read_text()
+        with open(f"{run_dir}/result.json") as f:  # a str path: status reads thousands of these
+            text = f.read()
     except FileNotFoundError:
         return None, None
     try:
@@ -246,11 +270,14 @@ def set_aside_result(run_dir: Path) -> None:
 def attempt_logs(run_dir: Path) -> dict[int, list[Path]]:
     """The log files of each attempt (local: attempt-N.log; SLURM: attempt-N.out and .err)."""
     out: dict[int, list[Path]] = {}
-    logs = run_dir / "logs"
-    for p in sorted(logs.iterdir()) if logs.is_dir() else []:
-        m = ATTEMPT_LOG.match(p.name)
+    try:
+        names = sorted(os.listdir(f"{run_dir}/logs"))
+    except OSError:
+        return out
+    for name in names:
+        m = ATTEMPT_LOG.match(name)
         if m:
-            out.setdefault(int(m.group(1)), []).append(p)
+            out.setdefault(int(m.group(1)), []).append(run_dir / "logs" / name)
     return out
 
 

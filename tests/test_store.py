@@ -121,7 +121,59 @@ def test_collect_has_explicit_types_even_without_results(tiny, tmp_path):
 
 def test_a_long_runs_table_leads_with_the_runs_that_need_attention():
     states = [RunState(f"run{i}", {"model.width": 16}, "completed") for i in range(150)]
+    states += [RunState(f"queued{i}", {"model.width": 16}, "pending") for i in range(120)]
     states.append(RunState("broken", {"model.width": 32}, "failed", "IndexError: out of range"))
     table = render.runs_table(states, ["model.width"])
-    assert table.row_count == render.RUN_ROWS and "51 more runs" in table.caption
-    assert next(iter(table.columns[0].cells)) == "broken"
+    assert table.row_count == render.RUN_ROWS and "171 more runs" in table.caption
+    assert next(iter(table.columns[0].cells)) == "broken" and "run0" not in table.columns[0].cells
+    assert render.runs_table(states[:150], ["model.width"]).row_count == 0  # all finished: the grids say it
+
+
+def test_curves_in_bulk_equal_reading_each_file(tmp_path):
+    """The one-parse curve reader agrees with the line-by-line one on every shape a metrics file takes."""
+    files = {
+        "done": '{"step": 0, "loss": 5.5}\n{"step": 1, "loss": 4.25}\n{"step": 2, "val_loss": 4.0}\n',
+        "diverged": '{"step": 0, "loss": 5.5}\n{"step": 1, "loss": null}\n',
+        "running": '{"step": 0, "loss": 5.5}\n{"step": 1, "lo',  # a line being appended
+        "empty": "",
+        "missing": None,
+    }
+    dirs = []
+    for name, text in files.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "metrics.jsonl").write_text(text)
+        dirs.append(str(tmp_path / name))
+    step, loss = collect.curves(dirs)
+    expected = [collect.curve(Path(d)) for d in dirs]
+    assert step.to_pylist() == [s for s, _ in expected] and loss.to_pylist() == [v for _, v in expected]
+    assert loss.to_pylist()[:3] == [[5.5, 4.25], [5.5, None], [5.5]]
+    # A null validation loss cannot be told from a NaN training loss by columns: read file by file.
+    (tmp_path / "done" / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n{"step": 1, "val_loss": null}\n')
+    assert collect.curves(dirs[:1])[1].to_pylist() == [[5.5]]
+
+
+def test_status_cache_serves_unchanged_results_and_never_a_replaced_one(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
+    a, b, *_ = ids_of(folder)
+    done = {"run_id": a, "status": "completed", "final_train_loss": 2.5, "final_val_loss": 2.6, "steps": 10,
+            "flops": 1.0}
+    (folder.run_dir(a) / "result.json").write_text(json.dumps(done))
+    (folder.run_dir(a) / "logs").mkdir()
+    (folder.run_dir(a) / "logs" / "attempt-1.log").write_text("")
+    first = {s.run_id: s for s in run_states(folder, summaries=True)}
+    assert (folder.path / ".status-cache.json").exists() and first[a].result == {
+        k: done[k] for k in ("run_id", "status", "final_train_loss", "final_val_loss", "steps")}
+    (folder.run_dir(a) / "logs" / "attempt-1.log").unlink()  # a cache hit does not list the logs again
+    again = {s.run_id: s for s in run_states(folder, summaries=True)}
+    assert again[a].state == "completed" and again[a].attempts == 1 and again[a].final_loss == 2.6
+    # The result replaced (by rename, as training writes it): read again, never served stale.
+    (folder.run_dir(a) / "new.json").write_text(json.dumps({**done, "status": "diverged", "final_val_loss": None,
+                                                             "final_train_loss": 9.9, "steps": 5}))
+    (folder.run_dir(a) / "new.json").rename(folder.run_dir(a) / "result.json")
+    assert {s.run_id: s for s in run_states(folder, summaries=True)}[a].state == "diverged"
+    (folder.path / ".status-cache.json").write_text("{not json")  # a broken cache is an empty one
+    states = {s.run_id: s for s in run_states(folder, summaries=True)}
+    assert states[a].state == "diverged" and states[b].state == "pending"
+    assert "flops" in {s.run_id: s for s in run_states(folder)}[a].result  # without summaries: the whole file

@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import time
 import traceback
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import hptransfer
 from hptransfer.config import load_yaml, run_id, steps_of, to_yaml
 from hptransfer.errors import HptError
 from hptransfer.io import write_atomic, write_json_atomic
+from hptransfer.provenance import git_state
 from hptransfer.train.data import Batches, make_batches
 from hptransfer.train.model import build
 from hptransfer.train.optim import build_optimizer, lr_factor, set_lr
@@ -60,25 +60,14 @@ def precision(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype, torch
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    pkg = Path(hptransfer.__file__).resolve().parent.parent
-    env = {
+    return {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "hptransfer": hptransfer.__version__,
         "python": platform.python_version(),
         "host": socket.gethostname(),
-        "git_commit": None,
-        "git_dirty": None,
+        **git_state(),
     }
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", str(pkg), *a], capture_output=True, text=True, timeout=5)  # noqa: E731
-        head = run("rev-parse", "HEAD")
-        if head.returncode == 0:
-            env["git_commit"] = head.stdout.strip()
-            env["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return env
 
 
 def _finite_or_none(x: float | None) -> float | None:
