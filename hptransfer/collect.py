@@ -16,13 +16,16 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from hptransfer.config import RunConfig
 from hptransfer.io import write_atomic
 from hptransfer.status import RunState, run_states
-from hptransfer.store import SweepFolder, flatten
+from hptransfer.store import SweepFolder
 
 RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("sweep", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -48,8 +51,12 @@ ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.
 
 def config_columns(cls: type = RunConfig, prefix: str = "cfg.") -> list[tuple[str, pa.DataType]]:
     """`cfg.<dotted.key>` columns typed from the run config's dataclasses (launcher excluded)."""
+    return [(prefix + ".".join(path), t) for path, t in _config_leaves(cls)]
+
+
+def _config_leaves(cls: type) -> list[tuple[tuple[str, ...], pa.DataType]]:
     hints = typing.get_type_hints(cls)
-    out: list[tuple[str, pa.DataType]] = []
+    out: list[tuple[tuple[str, ...], pa.DataType]] = []
     for f in dataclasses.fields(cls):
         if f.name == "launcher":
             continue
@@ -57,16 +64,34 @@ def config_columns(cls: type = RunConfig, prefix: str = "cfg.") -> list[tuple[st
         if isinstance(kind, types.UnionType):  # `int | None`: nullable int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if dataclasses.is_dataclass(kind):
-            out += config_columns(kind, f"{prefix}{f.name}.")
+            out += [((f.name, *path), t) for path, t in _config_leaves(kind)]
         elif typing.get_origin(kind) is dict:  # per-class constants: one column per default key
             value_type = ARROW_TYPES[typing.get_args(kind)[1]]
-            out += [(f"{prefix}{f.name}.{k}", value_type) for k in f.default_factory()]
+            out += [((f.name, k), value_type) for k in f.default_factory()]
         else:
-            out.append((f"{prefix}{f.name}", ARROW_TYPES[kind]))
+            out.append(((f.name,), ARROW_TYPES[kind]))
     return out
 
 
-SCHEMA = pa.schema(RESULT_COLUMNS + config_columns() + CURVE_COLUMNS)
+def _struct_of(leaves: list[tuple[tuple[str, ...], pa.DataType]]) -> list[pa.Field]:
+    """The nested struct fields a config's JSON parses into (what `Table.flatten` turns back into leaves)."""
+    children: dict[str, list[tuple[tuple[str, ...], pa.DataType]]] = {}
+    fields: list[pa.Field] = []
+    for path, t in leaves:
+        if len(path) == 1:
+            fields.append(pa.field(path[0], t))
+        else:
+            if path[0] not in children:
+                children[path[0]] = []
+                fields.append(pa.field(path[0], pa.null()))  # placeholder, keeps the order
+            children[path[0]].append((path[1:], t))
+    return [pa.field(f.name, pa.struct(_struct_of(children[f.name]))) if f.name in children else f for f in fields]
+
+
+CONFIG_COLUMNS = config_columns()
+CONFIG_STRUCT = pa.schema(_struct_of(_config_leaves(RunConfig)))
+SCHEMA = pa.schema(RESULT_COLUMNS + CONFIG_COLUMNS + CURVE_COLUMNS)
+CURVE_LINE = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("val_loss", pa.float64())])
 
 
 def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
@@ -86,44 +111,101 @@ def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
     return [s for s, _ in curve], [v for _, v in curve]
 
 
-def row(folder: SweepFolder, s: RunState, config: dict[str, Any]) -> dict[str, Any]:
-    """One run's row: result fields when finished, else its state; config, coordinates and curve always."""
-    t = config["train"]
-    planned_tokens = t["steps"] * t["batch_size"] * t["seq_len"]
+def curves(run_dirs: list[str]) -> tuple[pa.Array, pa.Array]:
+    """Every run's loss curve as two list columns, parsed in one go by Arrow's JSON reader.
+
+    Each file is cut after its last newline (a line being appended is not yet part of the curve);
+    a validation line ({step, val_loss}) is no training step. Should the bulk parse fail (a line torn
+    inside a file), or a file hold a line the columns cannot tell apart (a null val_loss), the files
+    are read one by one with `curve`.
+    """
+    blobs = []
+    for d in run_dirs:
+        try:
+            with open(f"{d}/metrics.jsonl", "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        blobs.append(data[: data.rfind(b"\n") + 1])
+    counts = np.array([b.count(b"\n") for b in blobs], dtype=np.int64)
+    try:
+        if any(b'"val_loss": null' in b for b in blobs):
+            raise ValueError("a null validation loss")
+        options = pa_json.ParseOptions(explicit_schema=CURVE_LINE, unexpected_field_behavior="ignore")
+        lines = pa_json.read_json(io.BytesIO(b"".join(blobs)), parse_options=options) if counts.sum() \
+            else CURVE_LINE.empty_table()
+    except (pa.ArrowInvalid, ValueError):
+        per_run = [curve(Path(d)) for d in run_dirs]
+        return (pa.array([s for s, _ in per_run], pa.list_(pa.int64())),
+                pa.array([v for _, v in per_run], pa.list_(pa.float64())))
+    keep = np.asarray(lines.column("val_loss").is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    run_of_line = np.repeat(np.arange(len(run_dirs)), counts)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.bincount(run_of_line[keep], minlength=len(run_dirs)))]),
+                       pa.int32())
+    mask = pa.array(keep)
+    return (pa.ListArray.from_arrays(offsets, lines.column("step").combine_chunks().filter(mask)),
+            pa.ListArray.from_arrays(offsets, lines.column("loss").combine_chunks().filter(mask)))
+
+
+def config_table(config_json: list[str]) -> pa.Table:
+    """The `cfg.*` columns from the manifest's config JSON, parsed in one go, typed by the schema."""
+    if not config_json:
+        return pa.schema(CONFIG_COLUMNS).empty_table()
+    data = "\n".join(config_json).encode() + b"\n"
+    table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
+        explicit_schema=CONFIG_STRUCT, unexpected_field_behavior="ignore"))
+    while any(pa.types.is_struct(f.type) for f in table.schema):
+        table = table.flatten()
+    return table.rename_columns(["cfg." + n for n in table.column_names]).select([n for n, _ in CONFIG_COLUMNS])
+
+
+def result_row(folder: SweepFolder, s: RunState) -> dict[str, Any]:
+    """A run's result fields when finished, else its state (its config and curve are columns of their own)."""
     r = s.result or {}
     eff = r.get("effective") or {}
     out: dict[str, Any] = {
         **{k: r.get(k) for k, _ in RESULT_COLUMNS},
         "run_id": s.run_id, "sweep": folder.name, "status": s.state, "reason": s.reason or None,
         "job_id": s.job_id, "attempts": s.attempts,
-        "tokens": r.get("tokens", planned_tokens), "batch_size": t["batch_size"], "seq_len": t["seq_len"],
-        "width": config["model"]["width"], "depth": config["model"]["n_layers"],
-        "parameterization": config["param"]["name"], "lr": config["optim"]["lr"],
         **{f"effective.{k}": eff.get(k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")},
         "effective.batch_k": (eff.get("batch_rule") or {}).get("k"),
         "effective.duration_r": (eff.get("duration_rule") or {}).get("r"),
         **{f"env.{k}": (r.get("env") or {}).get(k) for k in ("torch", "device", "hptransfer", "host",
                                                               "git_commit", "git_dirty")},
-        **flatten(config, "cfg."),
     }
     if s.state == "failed" and not out["error"]:
         out["error"] = s.reason or None
-    out["curve_step"], out["curve_loss"] = curve(folder.run_dir(s.run_id))
     return out
+
+
+def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
+    """One sweep's rows, and the problems found (corrupt result files)."""
+    configs = {r["run_id"]: r["config"] for r in folder.manifest()}
+    states = run_states(folder)
+    problems = [f"{folder.name}/{s.run_id}: {s.reason}: skipped" for s in states
+                if s.result is None and s.reason.startswith(("corrupt", "partial"))]
+    results = pa.Table.from_pylist([result_row(folder, s) for s in states], schema=pa.schema(RESULT_COLUMNS))
+    cfg = config_table([configs[s.run_id] for s in states])
+    # The scaling coordinates and the planned tokens (a run without a result) come from the config.
+    planned = pc.multiply(pc.multiply(cfg["cfg.train.steps"], cfg["cfg.train.batch_size"]), cfg["cfg.train.seq_len"])
+    coords = {"tokens": pc.coalesce(results["tokens"], planned), "batch_size": cfg["cfg.train.batch_size"],
+              "seq_len": cfg["cfg.train.seq_len"], "width": cfg["cfg.model.width"],
+              "depth": cfg["cfg.model.n_layers"], "parameterization": cfg["cfg.param.name"], "lr": cfg["cfg.optim.lr"]}
+    for name, column in coords.items():
+        results = results.set_column(results.schema.get_field_index(name), name, column)
+    step, loss = curves([f"{folder.path}/{s.run_id}" for s in states])
+    columns = [*results.columns, *cfg.columns, step, loss]
+    return pa.Table.from_arrays(columns, schema=SCHEMA), problems
 
 
 def collect(folders: list[SweepFolder]) -> tuple[pa.Table, list[str]]:
     """All runs of these sweeps as one table, and the problems found (corrupt result files)."""
-    rows, problems = [], []
+    tables, problems = [], []
     for folder in folders:
-        configs = {r["run_id"]: r["config"] for r in folder.manifest()}
-        for s in run_states(folder):
-            if s.result is None and s.reason.startswith(("corrupt", "partial")):
-                problems.append(f"{folder.name}/{s.run_id}: {s.reason}: skipped")
-            rows.append(row(folder, s, json.loads(configs[s.run_id])))
-    names = set(SCHEMA.names)
-    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k in names} for r in rows], schema=SCHEMA)
-    return table, problems
+        table, found = sweep_table(folder)
+        tables.append(table)
+        problems += found
+    return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), problems
 
 
 def write(table: pa.Table, out: Path) -> None:
