@@ -312,3 +312,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
 
 def test_the_installed_command_reports_errors_in_one_line(tmp_path: Path) -> None:
     assert_one_line_error(hpt("analyze", str(tmp_path / "nope.parquet")), f"no such file: {tmp_path / 'nope.parquet'}")
+
+
+def test_a_loss_law_pinned_at_a_bound_is_marked_and_left_out_of_the_comparison() -> None:
+    from hptransfer.analysis.laws import fit_loss_law
+    from hptransfer.analysis.metrics import asymptotic
+
+    scales = [32, 64, 128, 256]
+    exact = [2.0 + 0.8 * (s / 32) ** -0.5 for s in scales]
+    law, _ = fit_loss_law(scales, exact)
+    assert law.at_bound == "" and law.l_inf == pytest.approx(2.0, abs=1e-3)
+    # Losses that fall faster at the larger scales (the demo's muP) fit no decaying power law above 0.
+    accelerating = [2.300, 2.2875, 2.2524]
+    pinned, _ = fit_loss_law(scales[:3], accelerating)
+    assert "L_inf = 0" in pinned.at_bound
+    asym = asymptotic({"a": list(zip(scales, exact, strict=True)), "b": list(zip(scales[:3], accelerating,
+                                                                                   strict=True))})
+    assert asym["b"]["at_bound"] and asym["b"]["delta_l_inf"] is None and asym["a"]["delta_l_inf"] == 0

@@ -214,11 +214,15 @@ def _verdict(axis: str, results: list[GroupResult]) -> list[str]:
         gaps = "; ".join(f"{lb}: +{b['delta_loss_at_largest']:.4f}" for lb, b in scored if lb != label)
         out.append(f"Lowest loss at {axis}={fmt_scale(a['largest_common_scale'])}: {label} "
                    f"({a['loss_at_largest']:.4f}; {gaps}).")
-    fitted = [(label, a) for label, a in asym if a["l_inf"] is not None]
+    fitted = [(label, a) for label, a in asym if a["l_inf"] is not None and not a["at_bound"]]
     if len(fitted) > 1:
         label, a = min(fitted, key=lambda la: la[1]["l_inf"])
         gaps = "; ".join(f"{lb}: +{b['delta_l_inf']:.4f}" for lb, b in fitted if lb != label)
         out.append(f"Lowest fitted L_inf: {label} ({a['l_inf']:.4f}; {gaps}).")
+    pinned = [f"{label} ({a['at_bound']})" for label, a in asym if a["l_inf"] is not None and a["at_bound"]]
+    if pinned:
+        out.append(f"L_inf not identified for {', '.join(pinned)}: the loss-law fit sits at a bound (too few "
+                   "scales, or losses that do not level off); compare the loss at the largest scale instead.")
     return out
 
 

@@ -100,6 +100,7 @@ class LossLaw:
     alpha: float
     scale_ref: float
     rms: float
+    at_bound: str = ""  # which parameter the fit pinned at a bound ("" if none): then L_inf is not identified
 
     def __call__(self, scale: float | np.ndarray) -> np.ndarray | float:
         return _power(np.asarray(scale, float), self.l_inf, self.A, self.alpha, self.scale_ref)
@@ -130,4 +131,9 @@ def fit_loss_law(scales: list[float], losses: list[float]) -> tuple[LossLaw | No
         except (RuntimeError, ValueError) as err:
             return None, f"fit failed: {err}"
     rms = float(np.sqrt(np.mean((_power(s, l_inf, amp, alpha, ref) - loss) ** 2)))
-    return LossLaw(float(l_inf), float(amp), float(alpha), ref, rms), ""
+    # A parameter pinned at a bound means the data do not determine it: with 3 scales a power law
+    # through the points often needs L_inf = 0 or alpha at its limit, and L_inf then says nothing.
+    tol = 1e-6 * max(1.0, abs(lo_loss))
+    bounds = (("L_inf", l_inf, floor), ("L_inf", l_inf, lo_loss), ("alpha", alpha, 1e-3), ("alpha", alpha, 4.0))
+    at_bound = ", ".join(f"{name} = {bound:g}" for name, value, bound in bounds if abs(value - bound) < tol)
+    return LossLaw(float(l_inf), float(amp), float(alpha), ref, rms, at_bound), ""

@@ -36,7 +36,9 @@ DEFINITIONS: dict[str, str] = {
         "Where each parameterization is heading: L(s) = L_inf + A (s / s_ref)^(-alpha) fitted to the best "
         "loss per scale (needs 3 scales; at an edge optimum the best loss is an upper bound), and the "
         "differences of L_inf and of the loss at the largest scale that all parameterizations on the axis "
-        "share, against the best of them."
+        "share, against the best of them. A fit that pins L_inf or alpha at a bound of the fit has no "
+        "identified L_inf (too few scales, or losses that do not level off): it is marked and left out "
+        "of the L_inf comparison."
     ),
     "wider_is_better": (
         f"At every fixed learning rate, the loss does not rise (by more than {LOSS_NOISE}) and training "
@@ -136,7 +138,7 @@ def _loglog_slope(points: list[tuple[float, float]]) -> float | None:
 def asymptotic(best_losses: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, Any]]:
     """Per group (label -> (scale, best loss) pairs on one axis): loss law fit, and gaps to the best group."""
     fits = {label: fit_loss_law([s for s, _ in pts], [v for _, v in pts]) for label, pts in best_losses.items()}
-    l_infs = [law.l_inf for law, _ in fits.values() if law is not None]
+    l_infs = [law.l_inf for law, _ in fits.values() if law is not None and not law.at_bound]
     common = set.intersection(*(set(s for s, _ in pts) for pts in best_losses.values())) if best_losses else set()
     largest = max(common) if common else None
     at_largest = {label: dict(pts).get(largest) for label, pts in best_losses.items()}
@@ -145,7 +147,8 @@ def asymptotic(best_losses: dict[str, list[tuple[float, float]]]) -> dict[str, d
     for label, (law, reason) in fits.items():
         entry: dict[str, Any] = {"l_inf": None, "reason": reason} if law is None else {
             "l_inf": law.l_inf, "A": law.A, "alpha": law.alpha, "scale_ref": law.scale_ref, "rms": law.rms,
-            "delta_l_inf": law.l_inf - min(l_infs),
+            "at_bound": law.at_bound,  # then L_inf is not identified and takes no part in the comparison
+            "delta_l_inf": None if law.at_bound or not l_infs else law.l_inf - min(l_infs),
         }
         entry["largest_common_scale"] = largest
         entry["loss_at_largest"] = at_largest[label]

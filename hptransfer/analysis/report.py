@@ -114,7 +114,8 @@ def _metrics_row(g: dict[str, Any]) -> tuple[str, ...]:
     rob, asy = g["metrics"]["robustness"], g["metrics"]["asymptotic"]
     return (
         g["label"], _num(rob["mean_penalty"], 4), _pm(rob["penalty_trend_log2_per_doubling"]),
-        "diverges" if rob["loo_diverged"] else _num(rob["loo_penalty"], 4), _num(asy["l_inf"]),
+        "diverges" if rob["loo_diverged"] else _num(rob["loo_penalty"], 4),
+        _num(asy["l_inf"]) + (" (at bound)" if asy.get("at_bound") else ""),
         _num(asy.get("delta_l_inf")), _num(asy["delta_loss_at_largest"], 4), _wider(g["metrics"]),
     )
 
