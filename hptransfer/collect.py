@@ -23,7 +23,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from hptransfer.config import RunConfig
-from hptransfer.io import write_atomic
+from hptransfer.io import arrow_table, write_atomic
 from hptransfer.status import RunState, run_states
 from hptransfer.store import SweepFolder
 
@@ -184,7 +184,7 @@ def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
     states = run_states(folder)
     problems = [f"{folder.name}/{s.run_id}: {s.reason}: skipped" for s in states
                 if s.result is None and s.reason.startswith(("corrupt", "partial"))]
-    results = pa.Table.from_pylist([result_row(folder, s) for s in states], schema=pa.schema(RESULT_COLUMNS))
+    results = arrow_table([result_row(folder, s) for s in states], pa.schema(RESULT_COLUMNS))
     cfg = config_table([configs[s.run_id] for s in states])
     # The scaling coordinates and the planned tokens (a run without a result) come from the config.
     planned = pc.multiply(pc.multiply(cfg["cfg.train.steps"], cfg["cfg.train.batch_size"]), cfg["cfg.train.seq_len"])

@@ -1,12 +1,16 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of either), and rows to Arrow."""
 
 import ctypes
+import io
 import json
 import os
 import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.json as pa_json
 
 
 def write_atomic(path: Path, data: str | bytes, *, sync: bool = True) -> None:
@@ -79,3 +83,25 @@ def _libc() -> Any:
         return libc if hasattr(libc, "syncfs") else None
     except OSError:
         return None
+
+
+def arrow_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    """Rows (dicts of JSON values) as an Arrow table: `schema`'s columns and types, else the rows'
+    keys in first-seen order with types inferred over all rows at once.
+
+    Through Arrow's JSON reader, which is faster than converting Python objects and, unlike that
+    conversion, does not import pandas (0.3 s of every `hpt sweep` and `hpt collect`).
+    """
+    try:
+        data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
+        if not data:
+            raise ValueError("no rows")
+        table = pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=len(data) + 1),
+                                  parse_options=pa_json.ParseOptions(explicit_schema=schema,
+                                                                     unexpected_field_behavior="ignore"))
+        return table if schema is None else table.select(schema.names)
+    except (ValueError, TypeError, pa.ArrowInvalid):  # no rows, or a value JSON cannot hold (inf)
+        if schema is not None:
+            return pa.Table.from_pylist(rows, schema=schema)
+        columns = dict.fromkeys(k for r in rows for k in r)
+        return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns})

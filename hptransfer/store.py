@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from hptransfer.errors import HptError
-from hptransfer.io import write_atomic, write_many_atomic
+from hptransfer.io import arrow_table, write_atomic, write_many_atomic
 
 if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (sweep, config) at all
     from hptransfer.sweep import Run, SweepSpec
@@ -152,23 +150,9 @@ class SweepFolder:
         write_atomic(self.path / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(new_def)))
         if rows:
             buf = io.BytesIO()
-            pq.write_table(_table_of(old_rows + rows), buf)
+            pq.write_table(arrow_table(old_rows + rows), buf)
             write_atomic(self.path / "manifest.parquet", buf.getvalue())
         return len(rows)
-
-
-def _table_of(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as an Arrow table, columns in first-seen order, types inferred over all rows at once.
-
-    Through Arrow's JSON reader (one block: one inference) rather than `pa.Table.from_pydict`, whose
-    conversion of Python objects imports pandas: 0.3 s of every `hpt sweep`.
-    """
-    try:
-        data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
-        return pa_json.read_json(io.BytesIO(data), read_options=pa_json.ReadOptions(block_size=len(data) + 1))
-    except (ValueError, pa.ArrowInvalid):  # a value JSON cannot hold (inf): the general conversion
-        columns = dict.fromkeys(k for r in rows for k in r)
-        return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns})
 
 
 def sweep_definition(spec: "SweepSpec") -> dict[str, Any]:

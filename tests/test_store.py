@@ -177,3 +177,16 @@ def test_status_cache_serves_unchanged_results_and_never_a_replaced_one(tiny, tm
     states = {s.run_id: s for s in run_states(folder, summaries=True)}
     assert states[a].state == "diverged" and states[b].state == "pending"
     assert "flops" in {s.run_id: s for s in run_states(folder)}[a].result  # without summaries: the whole file
+
+
+def test_rows_to_arrow_keep_types_and_order_whatever_the_values():
+    import pyarrow as pa
+
+    from hptransfer.io import arrow_table
+
+    t = arrow_table([{"run_id": "a", "x": 1, "p": "sp"}, {"run_id": "b", "x": 2.5, "p": None}])
+    assert t.column_names == ["run_id", "x", "p"] and t.schema.field("x").type == pa.float64()
+    assert arrow_table([{"x": float("inf")}]).column("x").to_pylist() == [float("inf")]  # no JSON for inf
+    schema = pa.schema([("x", pa.float64()), ("y", pa.string())])
+    assert arrow_table([{"x": 5, "z": 1}], schema).to_pylist() == [{"x": 5.0, "y": None}]
+    assert arrow_table([], schema).schema == schema
