@@ -138,11 +138,14 @@ def curves(run_dirs: list[str]) -> tuple[pa.Array, pa.Array]:
         per_run = [curve(Path(d)) for d in run_dirs]
         return (pa.array([s for s, _ in per_run], pa.list_(pa.int64())),
                 pa.array([v for _, v in per_run], pa.list_(pa.float64())))
-    keep = np.asarray(lines.column("val_loss").is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    # numpy <-> Arrow through raw buffers: Arrow's conversions of numpy or Python values import pandas.
+    mask = pc.is_null(lines.column("val_loss")).combine_chunks()
+    bits = np.unpackbits(np.frombuffer(mask.buffers()[1], np.uint8), bitorder="little")
+    keep = bits[mask.offset:mask.offset + len(mask)].astype(bool)
     run_of_line = np.repeat(np.arange(len(run_dirs)), counts)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(np.bincount(run_of_line[keep], minlength=len(run_dirs)))]),
-                       pa.int32())
-    mask = pa.array(keep)
+    kept = np.bincount(run_of_line[keep], minlength=len(run_dirs))
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+    offsets = pa.Array.from_buffers(pa.int32(), len(offsets), [None, pa.py_buffer(offsets.tobytes())])
     return (pa.ListArray.from_arrays(offsets, lines.column("step").combine_chunks().filter(mask)),
             pa.ListArray.from_arrays(offsets, lines.column("loss").combine_chunks().filter(mask)))
 
