@@ -202,11 +202,10 @@ def status_view(per_sweep: dict[str, list[RunState]], folders: list[Any], detail
         return Group(*out)
     for folder in folders:
         states = per_sweep[folder.name]
-        s = folder.definition()["sweep"]
-        axis, grid_keys = s["axis"]["key"], list(s["grid"])
-        for table in grids(states, axis, grid_keys):
+        keys = list(states[0].point) if states else []  # the manifest's swept keys: axis, grid..., seed
+        for table in grids(states, keys[0], keys[1:-1]) if keys else []:
             out += [Text(), table]
-        out += [Text(), runs_table(states, [axis, *grid_keys, "train.seed"]), *failures(states)]
+        out += [Text(), runs_table(states, keys), *failures(states)]
     return Group(*out)
 
 

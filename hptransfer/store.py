@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
-from omegaconf import OmegaConf
 
 from hptransfer.errors import HptError
 from hptransfer.io import arrow_table, write_atomic, write_many_atomic
@@ -70,6 +69,8 @@ class SweepFolder:
     def definition(self) -> dict[str, Any] | None:
         """The sweep.yaml as written, or None for a new sweep."""
         f = self.path / "sweep.yaml"
+        from omegaconf import OmegaConf  # here, not above: `hpt status` needs no OmegaConf
+
         return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
 
     def manifest(self, *, configs: bool = True) -> list[dict[str, Any]]:
@@ -132,6 +133,8 @@ class SweepFolder:
 
         Call under `lock()`. A sweep of this name defined differently is an HptError naming the difference.
         """
+        from omegaconf import OmegaConf
+
         from hptransfer.config import to_yaml
 
         new_def = self.check(spec)
@@ -157,6 +160,8 @@ class SweepFolder:
 
 def sweep_definition(spec: "SweepSpec") -> dict[str, Any]:
     """The composed sweep as launched: the file's config with its dimensions as the command line left them."""
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.to_container(spec.composed, resolve=True)
     axis, *grid, seeds = spec.dims
     cfg["sweep"] = {
