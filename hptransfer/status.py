@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hptransfer.store import SweepFolder, attempt_logs, heartbeat, log_tail, read_result
+from hptransfer.store import SweepFolder, attempt_count, heartbeat, log_tail, read_result
 
 STATES = ("pending", "running", "completed", "diverged", "failed", "cancelled")
 SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
@@ -219,7 +219,7 @@ def _to_cache(folder: SweepFolder, s: RunState, fresh: dict[str, list[Any]]) -> 
 
 
 def _state(run_dir: Path, s: RunState, rec: dict[str, Any] | None, scheduler: dict[str, str] | None) -> RunState:
-    s.attempts = len(attempt_logs(run_dir))
+    s.attempts = attempt_count(run_dir)
     if rec is not None:
         s.job_id, s.executor = rec.get("job_id"), rec.get("executor")
     # The scheduler was asked before the result is read: a job seen finished has its result on disk.

@@ -271,7 +271,16 @@ def set_aside_result(run_dir: Path) -> None:
 
 def attempt_logs(run_dir: Path) -> dict[int, list[Path]]:
     """The log files of each attempt (local: attempt-N.log; SLURM: attempt-N.out and .err)."""
-    out: dict[int, list[Path]] = {}
+    return {n: [run_dir / "logs" / name for name in names] for n, names in _attempt_names(run_dir).items()}
+
+
+def attempt_count(run_dir: Path) -> int:
+    """How many attempts the run has had (each leaves its logs); no Path per file: status counts thousands."""
+    return len(_attempt_names(run_dir))
+
+
+def _attempt_names(run_dir: Path) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
     try:
         names = sorted(os.listdir(f"{run_dir}/logs"))
     except OSError:
@@ -279,7 +288,7 @@ def attempt_logs(run_dir: Path) -> dict[int, list[Path]]:
     for name in names:
         m = ATTEMPT_LOG.match(name)
         if m:
-            out.setdefault(int(m.group(1)), []).append(run_dir / "logs" / name)
+            out.setdefault(int(m.group(1)), []).append(name)
     return out
 
 
