@@ -20,12 +20,17 @@ def run(run_dir: Path) -> str:
         import torch
 
         torch.set_num_threads(int(threads))
+    from hptransfer.store import SweepFolder, attempt_count, index_entry
     from hptransfer.train.loop import run_folder
 
     run_dir = Path(run_dir)
     if (run_dir / "checkpoint.pt").exists():  # training resumes from it; say so in this attempt's log
         print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
-    return run_folder(run_dir)["status"]
+    result = run_folder(run_dir)
+    # Index the finished run in its sweep, so `hpt status` need not open its folder.
+    entry = index_entry(run_dir, result, attempt_count(run_dir))
+    SweepFolder(run_dir.parent).index_results([entry] if entry else [])
+    return result["status"]
 
 
 class RunJob(submitit.helpers.Checkpointable):

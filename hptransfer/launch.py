@@ -302,9 +302,7 @@ def run_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_faile
     with claiming(folder, run_ids, retry_failed) as todo:
         folder.append_jobs([{"event": "queued", "run_id": s.run_id, "executor": "local", "job_id": None,
                              "scheduler": me, "submitted_at": now(), **prov} for s in todo])
-    progress = LocalScheduler(folder, todo, jobs, local_gpus(), on_event).run()
-    run_states(folder, summaries=True)  # leaves the status cache: the next `hpt status` reads no result again
-    return progress
+    return LocalScheduler(folder, todo, jobs, local_gpus(), on_event).run()
 
 
 def detach_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool) -> int:

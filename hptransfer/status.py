@@ -20,10 +20,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hptransfer.store import SweepFolder, attempt_count, heartbeat, log_tail, read_result
+from hptransfer.store import (
+    SweepFolder,
+    attempt_count,
+    heartbeat,
+    index_entry,
+    log_tail,
+    read_result,
+    result_key,
+)
 
 STATES = ("pending", "running", "completed", "diverged", "failed", "cancelled")
-SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
 HEARTBEAT_STALE_S = 600  # no heartbeat for this long, and no scheduler to ask: the run is not alive
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
 UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
@@ -158,9 +165,9 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 def run_states(folder: SweepFolder, *, summaries: bool = False) -> list[RunState]:
     """Every run of the sweep, in manifest order, with its state.
 
-    `summaries=True` (what `hpt status` shows): a finished run's `result` holds only SUMMARY_KEYS, and
-    runs whose result.json is unchanged since the last such call come from the sweep's status cache
-    (one stat each instead of reading the file and listing its logs).
+    `summaries=True` (what `hpt status` shows): a finished run's `result` holds only SUMMARY_KEYS,
+    and comes from the sweep's results.jsonl while its result.json is the one indexed (one stat,
+    instead of reading the file and listing its logs); results read anyway are indexed for next time.
     """
     points = folder.manifest(configs=False)
     latest: dict[str, dict[str, Any]] = {}
@@ -170,52 +177,32 @@ def run_states(folder: SweepFolder, *, summaries: bool = False) -> list[RunState
                  if r.get("executor") == "slurm" and r.get("event") == "submitted"
                  and not os.path.exists(f"{folder.path}/{rid}/result.json")]
     scheduler = slurm_states(slurm_ids)
-    cache = folder.status_cache() if summaries else None
-    fresh: dict[str, list[Any]] = {}
+    index = folder.result_index() if summaries else None
+    new_entries = []
     states = []
     for point in points:
         rid = point.pop("run_id")
         s = RunState(rid, point, "pending", "not launched")
         rec = latest.get(rid)
-        if cache is not None and _from_cache(folder, s, cache, fresh):
+        if index is not None and _from_index(folder, s, index.get(rid)):
             s.job_id, s.executor = (rec.get("job_id"), rec.get("executor")) if rec else (None, None)
         else:
             _state(folder.run_dir(rid), s, rec, scheduler)
-            if cache is not None:
-                _to_cache(folder, s, fresh)
+            entry = index_entry(folder.run_dir(rid), s.result, s.attempts) if index is not None and s.result else None
+            if entry is not None:
+                s.result = entry["result"]
+                new_entries.append(entry)
         states.append(s)
-    if cache is not None and fresh != cache:
-        folder.save_status_cache(fresh)
+    folder.index_results(new_entries)
     return states
 
 
-def _result_key(folder: SweepFolder, rid: str) -> list[int] | None:
-    """What identifies one result.json: a new file (written once, by rename) has a new inode and mtime."""
-    try:
-        st = os.stat(f"{folder.path}/{rid}/result.json")
-    except OSError:
-        return None
-    return [st.st_ino, st.st_mtime_ns, st.st_size]
-
-
-def _from_cache(folder: SweepFolder, s: RunState, cache: dict[str, list[Any]], fresh: dict[str, list[Any]]) -> bool:
-    entry = cache.get(s.run_id)
-    if entry is None or entry[0] != _result_key(folder, s.run_id):
+def _from_index(folder: SweepFolder, s: RunState, entry: list[Any] | None) -> bool:
+    if entry is None or entry[0] != result_key(f"{folder.path}/{s.run_id}"):
         return False
     _, s.attempts, s.result = entry
     s.state, s.step, s.reason = s.result["status"], s.result.get("steps"), ""
-    fresh[s.run_id] = entry
     return True
-
-
-def _to_cache(folder: SweepFolder, s: RunState, fresh: dict[str, list[Any]]) -> None:
-    """Keep a finished run's summary (a failed one is read again: its error is the reason and the tail)."""
-    if s.result is None or s.state not in ("completed", "diverged"):
-        return
-    s.result = {k: s.result.get(k) for k in SUMMARY_KEYS}
-    key = _result_key(folder, s.run_id)  # after the read: a file replaced since is a miss next time
-    if key is not None:
-        fresh[s.run_id] = [key, s.attempts, s.result]
 
 
 def _state(run_dir: Path, s: RunState, rec: dict[str, Any] | None, scheduler: dict[str, str] | None) -> RunState:

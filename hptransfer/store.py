@@ -4,6 +4,7 @@
       sweep.yaml          the composed sweep as last launched (dimensions after command-line overrides)
       manifest.parquet    one row per run: run_id, the swept values, the run config as JSON
       jobs.jsonl          append-only job records (queued, started, submitted, ended, cancelled)
+      results.jsonl       append-only index of finished runs (derived: what `hpt status` reads first)
       .lock               flock'd while a process decides what to launch
       <run_id>/config.yaml, result.json, metrics.jsonl, heartbeat.json, checkpoint.pt, logs/
 
@@ -32,7 +33,9 @@ if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (sweep, 
     from hptransfer.sweep import Run, SweepSpec
 
 ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
-STATUS_CACHE = ".status-cache.json"
+RESULTS_INDEX = "results.jsonl"  # the index of finished runs, so `hpt status` need not read 10,000 files
+INDEX_FIELDS = frozenset({"run_id", "key", "attempts", "result"})
+SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
 
 
 def root_dir(root: Path | None = None) -> Path:
@@ -90,35 +93,23 @@ class SweepFolder:
 
     def job_records(self) -> list[dict[str, Any]]:
         """Every job record, oldest first; a torn line (a writer killed mid-write) is skipped."""
-        try:
-            text = self.jobs_file.read_text()
-        except FileNotFoundError:
-            return []
-        lines = text.splitlines()
-        try:  # one parse for the whole file; line by line only when a line is torn
-            return json.loads("[" + ",".join(lines) + "]")
-        except json.JSONDecodeError:
-            records = []
-            for line in lines:
-                with suppress(json.JSONDecodeError):
-                    records.append(json.loads(line))
-            return records
+        return _json_lines(self.jobs_file)
 
-    def status_cache(self) -> dict[str, list[Any]]:
-        """`hpt status`'s cache of finished runs: run_id -> [result.json's key, attempts, result summary].
+    def result_index(self) -> dict[str, list[Any]]:
+        """Finished runs by id: [their result.json's key, attempts, result summary], the latest line of each.
 
-        Derived data, disposable: any problem reading it is an empty cache.
+        results.jsonl is appended by each job as it finishes and by `hpt status` for results it had
+        to read. It is derived and disposable: a torn or foreign line is skipped, and an entry whose
+        key no longer matches its result.json (a result replaced) is read again from the file.
         """
-        try:
-            cache = json.loads((self.path / STATUS_CACHE).read_text())
-            return cache["runs"] if cache.get("version") == 1 else {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
+        return {r["run_id"]: [r["key"], r["attempts"], r["result"]] for r in _json_lines(self.path / RESULTS_INDEX)
+                if isinstance(r, dict) and r.keys() >= INDEX_FIELDS}
 
-    def save_status_cache(self, runs: dict[str, list[Any]]) -> None:
-        """Atomic but not fsync'd (a lost cache costs one slower `hpt status`); a read-only folder is fine."""
-        with suppress(OSError):
-            write_atomic(self.path / STATUS_CACHE, json.dumps({"version": 1, "runs": runs}), sync=False)
+    def index_results(self, entries: list[dict[str, Any]]) -> None:
+        """Append index entries in one write (O_APPEND); a folder this process may not write is fine."""
+        if entries:
+            with suppress(OSError), open(self.path / RESULTS_INDEX, "a") as f:
+                f.write("".join(json.dumps(e) + "\n" for e in entries))
 
     def check(self, spec: "SweepSpec") -> dict[str, Any]:
         """The sweep's definition; an HptError naming the difference if this name holds a different one."""
@@ -259,6 +250,42 @@ def read_result(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     if result["status"] not in ("completed", "diverged", "failed"):
         return None, f"corrupt result.json (unknown status {result['status']!r})"
     return result, None
+
+
+def result_key(run_dir: Path | str) -> list[int] | None:
+    """What identifies one result.json: a new file (written once, by rename) has a new inode and mtime."""
+    try:
+        st = os.stat(f"{run_dir}/result.json")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def index_entry(run_dir: Path | str, result: dict[str, Any], attempts: int) -> dict[str, Any] | None:
+    """A finished run's line of results.jsonl; None for a failed one (read again each time: its error
+    is the reason and the log tail status shows) or a result.json gone."""
+    key = result_key(run_dir)  # after the result was read: a file replaced since is a miss next time
+    if key is None or result.get("status") not in ("completed", "diverged"):
+        return None
+    return {"run_id": result["run_id"], "key": key, "attempts": attempts,
+            "result": {k: result.get(k) for k in SUMMARY_KEYS}}
+
+
+def _json_lines(path: Path) -> list[Any]:
+    """The records of a JSON-lines file, in one parse; line by line (skipping torn ones) only when needed."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines()
+    try:
+        return json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        records = []
+        for line in lines:
+            with suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
 
 
 def set_aside_result(run_dir: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hptransfer import collect, launch, render, sweep
 from hptransfer.errors import HptError
 from hptransfer.status import RunState, _expand_ids, run_states
-from hptransfer.store import SweepFolder, read_result
+from hptransfer.store import SweepFolder, read_result, result_key
 from tests.test_sweep import TINY_SWEEP
 
 
@@ -153,7 +153,7 @@ def test_curves_in_bulk_equal_reading_each_file(tmp_path):
     assert collect.curves(dirs[:1])[1].to_pylist() == [[5.5]]
 
 
-def test_status_cache_serves_unchanged_results_and_never_a_replaced_one(tiny, tmp_path):
+def test_results_index_serves_unchanged_results_and_never_a_replaced_one(tiny, tmp_path):
     folder = SweepFolder(tmp_path / "runs" / "tiny")
     save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]")
     a, b, *_ = ids_of(folder)
@@ -162,10 +162,11 @@ def test_status_cache_serves_unchanged_results_and_never_a_replaced_one(tiny, tm
     (folder.run_dir(a) / "result.json").write_text(json.dumps(done))
     (folder.run_dir(a) / "logs").mkdir()
     (folder.run_dir(a) / "logs" / "attempt-1.log").write_text("")
-    first = {s.run_id: s for s in run_states(folder, summaries=True)}
-    assert (folder.path / ".status-cache.json").exists() and first[a].result == {
-        k: done[k] for k in ("run_id", "status", "final_train_loss", "final_val_loss", "steps")}
-    (folder.run_dir(a) / "logs" / "attempt-1.log").unlink()  # a cache hit does not list the logs again
+    first = {s.run_id: s for s in run_states(folder, summaries=True)}  # no index yet: read, then indexed
+    assert first[a].result == {k: done[k] for k in ("run_id", "status", "final_train_loss", "final_val_loss",
+                                                    "steps")}
+    assert list(folder.result_index()) == [a]
+    (folder.run_dir(a) / "logs" / "attempt-1.log").unlink()  # an index hit does not list the logs again
     again = {s.run_id: s for s in run_states(folder, summaries=True)}
     assert again[a].state == "completed" and again[a].attempts == 1 and again[a].final_loss == 2.6
     # The result replaced (by rename, as training writes it): read again, never served stale.
@@ -173,10 +174,23 @@ def test_status_cache_serves_unchanged_results_and_never_a_replaced_one(tiny, tm
                                                              "final_train_loss": 9.9, "steps": 5}))
     (folder.run_dir(a) / "new.json").rename(folder.run_dir(a) / "result.json")
     assert {s.run_id: s for s in run_states(folder, summaries=True)}[a].state == "diverged"
-    (folder.path / ".status-cache.json").write_text("{not json")  # a broken cache is an empty one
+    with open(folder.path / "results.jsonl", "a") as f:
+        f.write('{"run_id": "' + b + '", "key": [1, 2')  # a writer killed mid-line: skipped
     states = {s.run_id: s for s in run_states(folder, summaries=True)}
     assert states[a].state == "diverged" and states[b].state == "pending"
     assert "flops" in {s.run_id: s for s in run_states(folder)}[a].result  # without summaries: the whole file
+
+
+def test_a_finished_job_indexes_its_run(tiny, tmp_path):
+    from hptransfer.job import run
+
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "train.steps=2", "model.width=16", "param=sp")
+    (rid,) = ids_of(folder)
+    assert run(folder.run_dir(rid)) == "completed"
+    key, attempts, summary = folder.result_index()[rid]
+    assert summary["status"] == "completed" and summary["steps"] == 2 and attempts == 0
+    assert key == result_key(folder.run_dir(rid))
 
 
 def test_rows_to_arrow_keep_types_and_order_whatever_the_values():
