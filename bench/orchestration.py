@@ -35,7 +35,7 @@ from rich.console import Console
 from hptransfer import collect, launch, render
 from hptransfer import sweep as sweeps
 from hptransfer.status import run_states
-from hptransfer.store import RESULTS_INDEX, SweepFolder, index_entry
+from hptransfer.store import RESULTS_INDEX, SweepFolder, index_entry, result_key
 
 HPT = str(Path(sys.executable).with_name("hpt"))
 TARGETS_S = {"expand": 3.0, "status": 1.0, "collect": 3.0}
@@ -102,7 +102,7 @@ def fabricate_results(folder: SweepFolder, runs: list[sweeps.Run]) -> None:
         (run_dir / "heartbeat.json").write_text(json.dumps({"pid": 1, "host": host, "step": CURVE_STEPS,
                                                             "time": time.time()}))
         (run_dir / "logs" / "attempt-1.log").write_text("")
-        entries.append(index_entry(run_dir, result, 1))
+        entries.append(index_entry(result_key(run_dir), result, 1))
         job = {"run_id": r.run_id, "executor": "local", "job_id": f"local-{1000 + i}"}
         jobs += [{**job, "event": "queued", "job_id": None, "scheduler": {"pid": 1, "start": 1, "host": host}},
                  {**job, "event": "started", "pid": 1000 + i, "start": 1, "host": host, "attempt": 1},

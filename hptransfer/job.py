@@ -20,7 +20,7 @@ def run(run_dir: Path) -> str:
         import torch
 
         torch.set_num_threads(int(threads))
-    from hptransfer.store import SweepFolder, attempt_count, index_entry
+    from hptransfer.store import SweepFolder, attempt_count, index_entry, result_key
     from hptransfer.train.loop import run_folder
 
     run_dir = Path(run_dir)
@@ -28,7 +28,7 @@ def run(run_dir: Path) -> str:
         print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
     result = run_folder(run_dir)
     # Index the finished run in its sweep, so `hpt status` need not open its folder.
-    entry = index_entry(run_dir, result, attempt_count(run_dir))
+    entry = index_entry(result_key(run_dir), result, attempt_count(run_dir))  # this job's own result.json
     SweepFolder(run_dir.parent).index_results([entry] if entry else [])
     return result["status"]
 

@@ -187,8 +187,9 @@ def run_states(folder: SweepFolder, *, summaries: bool = False) -> list[RunState
         if index is not None and _from_index(folder, s, index.get(rid)):
             s.job_id, s.executor = (rec.get("job_id"), rec.get("executor")) if rec else (None, None)
         else:
+            key = result_key(f"{folder.path}/{rid}") if index is not None else None  # before the read
             _state(folder.run_dir(rid), s, rec, scheduler)
-            entry = index_entry(folder.run_dir(rid), s.result, s.attempts) if index is not None and s.result else None
+            entry = index_entry(key, s.result, s.attempts) if s.result else None
             if entry is not None:
                 s.result = entry["result"]
                 new_entries.append(entry)

@@ -261,10 +261,13 @@ def result_key(run_dir: Path | str) -> list[int] | None:
     return [st.st_ino, st.st_mtime_ns, st.st_size]
 
 
-def index_entry(run_dir: Path | str, result: dict[str, Any], attempts: int) -> dict[str, Any] | None:
+def index_entry(key: list[int] | None, result: dict[str, Any], attempts: int) -> dict[str, Any] | None:
     """A finished run's line of results.jsonl; None for a failed one (read again each time: its error
-    is the reason and the log tail status shows) or a result.json gone."""
-    key = result_key(run_dir)  # after the result was read: a file replaced since is a miss next time
+    is the reason and the log tail status shows) or a result.json gone.
+
+    `key` is `result_key` taken *before* `result` was read: a file replaced after that has another
+    key, so the entry is a miss next time, never a stale hit.
+    """
     if key is None or result.get("status") not in ("completed", "diverged"):
         return None
     return {"run_id": result["run_id"], "key": key, "attempts": attempts,
