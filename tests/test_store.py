@@ -46,6 +46,20 @@ def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
     assert save(folder, tiny, "optim.lr=0.02", "sweep.seeds=[0]") == 0 and len(ids_of(folder)) == 8
     # Launcher settings may change between launches.
     assert save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "launcher.jobs=4") == 0
+    assert not list(folder.path.rglob("*.tmp"))  # every file renamed into place, no temp file left
+
+
+def test_many_atomic_writes_leave_nothing_half_written(tmp_path, monkeypatch):
+    from hptransfer import io as hio
+
+    files = {tmp_path / f"run{i}" / "config.yaml": f"x: {i}\n" for i in range(3)}
+    hio.write_many_atomic(files)
+    assert [p.read_text() for p in files] == ["x: 0\n", "x: 1\n", "x: 2\n"]
+    monkeypatch.setattr(hio, "sync_filesystem", lambda path: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        hio.write_many_atomic({p: "x: changed\n" for p in files} | {tmp_path / "new" / "config.yaml": "y"})
+    assert [p.read_text() for p in files] == ["x: 0\n", "x: 1\n", "x: 2\n"]  # the old files stand
+    assert not (tmp_path / "new" / "config.yaml").exists() and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_a_different_definition_under_the_same_name_is_refused(tiny, tmp_path):
