@@ -13,17 +13,16 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 
-def write_atomic(path: Path, data: str | bytes, *, sync: bool = True) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync'd (unless not `sync`), then renamed."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder, fsync'd, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
