@@ -7,10 +7,10 @@ import os
 import tempfile
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.json as pa_json
+if TYPE_CHECKING:  # imported where used: a training job writes files, it needs no Arrow
+    import pyarrow as pa
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -84,13 +84,16 @@ def _libc() -> Any:
         return None
 
 
-def arrow_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+def arrow_table(rows: list[dict[str, Any]], schema: "pa.Schema | None" = None) -> "pa.Table":
     """Rows (dicts of JSON values) as an Arrow table: `schema`'s columns and types, else the rows'
     keys in first-seen order with types inferred over all rows at once.
 
     Through Arrow's JSON reader, which is faster than converting Python objects and, unlike that
     conversion, does not import pandas (0.3 s of every `hpt sweep` and `hpt collect`).
     """
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
     try:
         data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
         if not data:
