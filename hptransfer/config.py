@@ -326,7 +326,12 @@ def heads_and_dim(m: Any, width: int, where: str = "model") -> tuple[int, int, i
 def steps_of(cfg: DictConfig) -> int:
     """Training steps: from train.tokens when set, else train.steps."""
     t = cfg.train
-    return t.steps if t.tokens is None else max(1, t.tokens // (t.batch_size * t.seq_len))
+    return t.steps if t.tokens is None else steps_for_tokens(t.tokens, t.batch_size, t.seq_len)
+
+
+def steps_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
+    """The steps that train on `tokens` (at least one)."""
+    return max(1, tokens // (batch_size * seq_len))
 
 
 def to_yaml(cfg: DictConfig | dict[str, Any]) -> str:

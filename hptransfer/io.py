@@ -37,7 +37,8 @@ def write_many_atomic(files: dict[Path, str | bytes]) -> None:
     """`write_atomic` for many files at the cost of one flush: every temp file is written, the file
     system is synced once, then each is renamed into place (a rename never exposes unflushed data).
 
-    10,000 small files in new folders take ~1 s this way, against ~4 s with an fsync each.
+    10,000 small files in new folders take ~1 s this way, against ~4 s with an fsync each. The
+    files share one file system (a sweep folder's): the one holding the first is synced.
     """
     tmps: list[tuple[str, str]] = []
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL

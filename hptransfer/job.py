@@ -20,13 +20,14 @@ def run(run_dir: Path) -> str:
         import torch
 
         torch.set_num_threads(int(threads))
-    from hptransfer.store import SweepFolder, attempt_count, index_entry, result_key
     from hptransfer.train.loop import run_folder
 
     run_dir = Path(run_dir)
     if (run_dir / "checkpoint.pt").exists():  # training resumes from it; say so in this attempt's log
         print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
     result = run_folder(run_dir)
+    from hptransfer.store import SweepFolder, attempt_count, index_entry, result_key  # after: Arrow, not on start-up
+
     # Index the finished run in its sweep, so `hpt status` need not open its folder.
     entry = index_entry(result_key(run_dir), result, attempt_count(run_dir))  # this job's own result.json
     SweepFolder(run_dir.parent).index_results([entry] if entry else [])

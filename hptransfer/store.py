@@ -71,9 +71,9 @@ class SweepFolder:
 
     def definition(self) -> dict[str, Any] | None:
         """The sweep.yaml as written, or None for a new sweep."""
-        f = self.path / "sweep.yaml"
         from omegaconf import OmegaConf  # here, not above: `hpt status` needs no OmegaConf
 
+        f = self.path / "sweep.yaml"
         return OmegaConf.to_container(OmegaConf.load(f)) if f.exists() else None
 
     def manifest(self, *, configs: bool = True) -> list[dict[str, Any]]:

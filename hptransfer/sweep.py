@@ -43,6 +43,7 @@ from hptransfer.config import (
     heads_and_dim,
     id_of,
     run_config,
+    steps_for_tokens,
     typed_value,
     validate,
 )
@@ -261,7 +262,7 @@ def derive(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     t = cfg["train"]
     if t["tokens"] is not None:
-        cfg["train"] = {**t, "steps": max(1, t["tokens"] // (t["batch_size"] * t["seq_len"]))}
+        cfg["train"] = {**t, "steps": steps_for_tokens(t["tokens"], t["batch_size"], t["seq_len"])}
     return cfg
 
 
