@@ -32,10 +32,10 @@ from typing import Any
 
 from rich.console import Console
 
-from hptransfer import collect, launch, render
-from hptransfer import sweep as sweeps
-from hptransfer.status import run_states
-from hptransfer.store import RESULTS_INDEX, SweepFolder, index_entry, result_key
+from hptransfer import views
+from hptransfer.sweeps import collect, launch, plan
+from hptransfer.sweeps.state import run_states
+from hptransfer.sweeps.store import RESULTS_INDEX, SweepFolder, index_entry, result_key
 
 HPT = str(Path(sys.executable).with_name("hpt"))
 TARGETS_S = {"expand": 3.0, "status": 1.0, "collect": 3.0}
@@ -75,7 +75,7 @@ def cli_wall_s(*args: str) -> float:
     return wall
 
 
-def fabricate_results(folder: SweepFolder, runs: list[sweeps.Run]) -> None:
+def fabricate_results(folder: SweepFolder, runs: list[plan.Run]) -> None:
     """Every run finished, as training and the local launcher leave its folder (a few diverged)."""
     rng = random.Random(0)
     host, jobs, entries = socket.gethostname(), [], []
@@ -133,8 +133,8 @@ def bench(root: Path) -> None:
     folder = SweepFolder(root / "runs" / "bench")
 
     os.sync()  # start from a clean page cache: earlier writes' flushing is no part of the figures
-    t_load, spec = timed(lambda: sweeps.load(sweep_file))
-    t_expand, runs = timed(lambda: sweeps.expand(spec))
+    t_load, spec = timed(lambda: plan.load(sweep_file))
+    t_expand, runs = timed(lambda: plan.expand(spec))
     t_write, _ = timed(lambda: launch.prepare(folder, spec, runs))
     print(f"{len(runs):,}-run grid ({' x '.join(f'{len(d.values)} {d.key}' for d in spec.dims)})")
     report("1. expand + write the sweep folder and manifest", t_load + t_expand + t_write, "expand")
@@ -152,12 +152,12 @@ def bench(root: Path) -> None:
     # and logs/ folder once, and indexes them.
     for when in ("first", "later"):
         t_states, states = timed(lambda: run_states(folder, summaries=True))
-        t_view, view = timed(lambda s=states: render.status_view({folder.name: s}, [folder], detail=True))
+        t_view, view = timed(lambda s=states: views.status_view({folder.name: s}, [folder], detail=True))
         with open(os.devnull, "w") as devnull:
             t_print, _ = timed(lambda v=view: Console(file=devnull, width=200).print(v))
         report(f"2. hpt status bench, {when} call (in-process: states + render + print)",
                t_states + t_view + t_print, "status")
-        report("   run states (status.run_states)", t_states, None)
+        report("   run states (state.run_states)", t_states, None)
         report("   render and print the grids and the runs table", t_view + t_print, None)
     report("   hpt status bench (the command, wall time)", cli_wall_s("status", "bench", *root_args), "status")
     (folder.path / RESULTS_INDEX).unlink()

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from hptransfer.config import compose_run, steps_of
+from hptransfer.config.compose import compose_run
+from hptransfer.config.derived import FLOPS_FORMULA, steps_of, train_flops
 from hptransfer.errors import HptError
 from hptransfer.train.data import make_batches
-from hptransfer.train.loop import FLOPS_FORMULA, _autocast, pick_device, precision, train_flops
 from hptransfer.train.model import build
-from hptransfer.train.optim import build_optimizer, lr_factor, set_lr
+from hptransfer.train.optim import lr_factor, set_lr
 from hptransfer.train.rules import apply_rules
+from hptransfer.train.step import pick_device, setup, train_step
 
 VARIANTS = ("eager-fp32", "compile-fp32", "eager-bf16", "compile-bf16")
 
@@ -102,18 +102,13 @@ def bench_variant(overrides: list[str], variant: str, steps: int, windows: int, 
     cfg = compose_run([*overrides, f"train.compile={mode == 'compile'}",
                        f"train.dtype={'bfloat16' if dtype == 'bf16' else 'float32'}",
                        f"train.steps={n_windows * steps}"])
-    # As in loop._train: precision, rules, seeded build, optimizer on the moved model.
+    # As the training loop does: rules, then train.step's setup and step.
     device = pick_device(cfg)
-    param_dtype, autocast = precision(cfg, device)
     eff, _ = apply_rules(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model, specs = build(eff)
-    model.to(device=device, dtype=param_dtype)
-    opt = build_optimizer(model, specs, eff)
     batches = make_batches(cfg)
     torch._dynamo.reset()  # each compile variant compiles afresh, not as a recompile of the last
-    fwd = torch.compile(model) if cfg.train.compile else model
-    total = steps_of(cfg)
+    s = setup(eff, device)
+    total = steps_of(cfg.train)
 
     times, warm_s, last_loss = [], 0.0, float("nan")
     for w in range(n_windows):
@@ -121,18 +116,9 @@ def bench_variant(overrides: list[str], variant: str, steps: int, windows: int, 
         t0 = time.perf_counter()
         pending: list[torch.Tensor] = []
         for step in range(w * steps, (w + 1) * steps):
-            # The training loop's step (loop._train), without its logging.
-            set_lr(opt, lr_factor(step, total, eff))
-            x, y = batches.train_batch(step, device)
-            with _autocast(device, autocast):
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
-            if eff.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), eff.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append(loss.detach())
+            # The training loop's step, without its logging.
+            set_lr(s.opt, lr_factor(step, total, eff))
+            pending.append(train_step(s, *batches.train_batch(step, device)))
         last_loss = pending[-1].item()  # the host sync: a logging step
         sync(device)
         elapsed = time.perf_counter() - t0
@@ -142,7 +128,7 @@ def bench_variant(overrides: list[str], variant: str, steps: int, windows: int, 
             times.append(elapsed)
 
     window_s = statistics.median(times)
-    flops_per_s = sizes(model, specs, cfg)[2] * steps / window_s
+    flops_per_s = sizes(s.model, s.specs, cfg)[2] * steps / window_s
     tokens = steps * cfg.train.batch_size * cfg.train.seq_len
     peak = peak_flops(device_name(device), dtype == "bf16", given_tflops)
     mfu = f"{100 * flops_per_s / peak:5.1f}%" if peak else "  n/a"

@@ -1,11 +1,22 @@
-"""The `hpt` command line: thin Typer commands that parse, call the library, and render with rich."""
+"""The `hpt` command line: thin Typer commands that parse, call the library, and render with rich.
 
+Each command imports its library inside its function: `hpt status` must start without torch,
+Hydra or pandas (bench/startup.py measures each command's start-up), so every such import below
+is marked `# per command`.
+"""
+
+import dataclasses
+import json
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from hptransfer.errors import HptError
 
@@ -80,31 +91,35 @@ def sweep(
       hpt sweep conf/width.yaml --retry-failed
       hpt sweep conf/depth.yaml launcher=slurm launcher.partition=gpu launcher.timeout_min=120
     """
-    from hptransfer import launch, render
-    from hptransfer import sweep as sweeps
-    from hptransfer.store import SweepFolder, root_dir
+    from hptransfer import views  # per command
+    from hptransfer.sweeps import launch, plan  # per command
+    from hptransfer.sweeps.backends import slurm  # per command
+    from hptransfer.sweeps.backends.local import default_jobs, local_gpus  # per command
+    from hptransfer.sweeps.store import SweepFolder, root_dir  # per command
 
-    spec = sweeps.load(sweep_file, overrides, name=name)
-    runs = sweeps.expand(spec)
+    spec = plan.load(sweep_file, overrides, name=name)
+    runs = plan.expand(spec)
     launcher = launch.launcher_config(spec.launcher)
     folder = SweepFolder(root_dir(root) / spec.name)
     ids = [r.run_id for r in runs]
     if dry_run:
         to_launch = launch.launchable(folder, spec, runs, retry_failed)
         out = wide(console)
-        out.print(render.plan(spec, runs, len(to_launch), launcher.name))
-        if isinstance(launcher, launch.SlurmLauncher):
-            out.print(render.slurm_plan(launcher, folder, len(to_launch), runs), soft_wrap=True)  # a script: no wrap
+        out.print(views.plan(spec, runs, len(to_launch), launcher.name))
+        if isinstance(launcher, slurm.SlurmLauncher):
+            size = slurm.array_size(launcher)
+            script = slurm.sbatch_script(launcher, folder.name, slurm.submitit_folder(folder), max(len(to_launch), 1))
+            out.print(views.slurm_plan(launcher, size, script, len(to_launch), runs), soft_wrap=True)  # no wrap
         return
     launch.prepare(folder, spec, runs)
-    if isinstance(launcher, launch.SlurmLauncher):
+    if isinstance(launcher, slurm.SlurmLauncher):
         records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
         arrays = sorted({r["job_id"].split("_")[0] for r in records})
         console.print(f"sweep '{spec.name}': {len(records)} of {len(runs)} runs submitted to SLURM"
                       + (f" as job {', '.join(arrays)}" if arrays else " (the rest have results or live jobs)")
                       + f"; follow with: hpt status {spec.name} --watch", soft_wrap=True)
         return
-    n_jobs = jobs or launch.default_jobs(launcher, launch.local_gpus())
+    n_jobs = jobs or default_jobs(launcher, local_gpus())
     order = launch.largest_first(runs)
     if detach:
         pid = launch.detach_local(folder, order, jobs=n_jobs, retry_failed=retry_failed)
@@ -114,13 +129,13 @@ def sweep(
         return
     keys = [d.key for d in spec.dims if len(d.values) > 1]
     try:
-        with render.LiveProgress(console, n_jobs, keys) as live:
+        with views.LiveProgress(console, n_jobs, keys) as live:
             progress = launch.run_local(folder, order, jobs=n_jobs, retry_failed=retry_failed, on_event=live)
     except KeyboardInterrupt:
         err_console.print("hpt: stopped; unfinished runs are recorded cancelled. Resume with the same command.",
                           soft_wrap=True)
         raise typer.Exit(130) from None
-    console.print(render.sweep_done(spec.name, progress, len(runs)), soft_wrap=True)
+    console.print(views.sweep_done(spec.name, progress, len(runs)), soft_wrap=True)
     if progress.done["failed"]:
         raise typer.Exit(1)
 
@@ -146,14 +161,10 @@ def status(
       hpt status width --watch
       hpt status width --json | jq '.width.runs[] | select(.state == "failed")'
     """
-    import json
-    import time
 
-    from rich.live import Live
-
-    from hptransfer import render
-    from hptransfer.status import counts, run_states
-    from hptransfer.store import list_sweeps, open_sweep, root_dir
+    from hptransfer import views  # per command
+    from hptransfer.sweeps.state import counts, run_states  # per command
+    from hptransfer.sweeps.store import list_sweeps, open_sweep, root_dir  # per command
 
     base = root_dir(root)
     folders = [open_sweep(sweep, base)] if sweep else list_sweeps(base)
@@ -169,12 +180,12 @@ def status(
         print(json.dumps(data, indent=1, default=str))
         return
     if not watch:
-        wide(console).print(render.status_view(snapshot(), folders, detail=sweep is not None))
+        wide(console).print(views.status_view(snapshot(), folders, detail=sweep is not None))
         return
     with Live(console=console, auto_refresh=False) as live:
         while True:
             snap = snapshot()
-            live.update(render.status_view(snap, folders, detail=sweep is not None), refresh=True)
+            live.update(views.status_view(snap, folders, detail=sweep is not None), refresh=True)
             if not any(s.active for states in snap.values() for s in states):
                 break
             time.sleep(every)
@@ -189,7 +200,7 @@ def collect(
 ) -> None:
     """Write one row per run of the sweeps to Parquet: results, states, config, loss curve.
 
-    Columns (DESIGN.md): run_id, sweep, status, the result metrics, width, depth, batch_size,
+    Columns (docs/design.md#resultsparquet): run_id, sweep, status, the result metrics, width, depth, batch_size,
     tokens, parameterization, lr, every config value as cfg.<key>, and curve_step/curve_loss.
     Runs without a result keep their state (pending, running, cancelled, failed) with null
     metrics; a corrupt result.json is reported and skipped.
@@ -198,10 +209,9 @@ def collect(
       hpt collect
       hpt collect width depth --out results.parquet
     """
-    from collections import Counter
 
-    from hptransfer import collect as collecting
-    from hptransfer.store import list_sweeps, open_sweep, root_dir
+    from hptransfer.sweeps import collect as collecting  # per command
+    from hptransfer.sweeps.store import list_sweeps, open_sweep, root_dir  # per command
 
     base = root_dir(root)
     folders = [open_sweep(s, base) for s in sweeps] if sweeps else list_sweeps(base)
@@ -229,8 +239,8 @@ def cancel(
       hpt cancel width
       hpt cancel
     """
-    from hptransfer import launch
-    from hptransfer.store import list_sweeps, open_sweep, root_dir
+    from hptransfer.sweeps import launch  # per command
+    from hptransfer.sweeps.store import list_sweeps, open_sweep, root_dir  # per command
 
     base = root_dir(root)
     folders = [open_sweep(sweep, base)] if sweep else list_sweeps(base)
@@ -269,11 +279,10 @@ def analyze(
       hpt analyze results.parquet --param sp --param mup --out report/
       hpt analyze results.parquet --json | jq '.groups[] | [.label, .law.b]'
     """
-    import json
 
-    from hptransfer.analysis.analyze import analyze as run_analysis
-    from hptransfer.analysis.load import AXES, load_results
-    from hptransfer.analysis.report import print_terminal, write_report
+    from hptransfer.analysis.analyze import analyze as run_analysis  # per command
+    from hptransfer.analysis.load import AXES, load_results  # per command
+    from hptransfer.analysis.report import print_terminal, write_report  # per command
 
     unknown = [a for a in axis or [] if a not in AXES]
     if unknown:
@@ -308,11 +317,10 @@ def predict(
       hpt predict results.parquet --at width=4096 --param mup
       hpt predict results.parquet --at tokens=2e10 --json
     """
-    import json
 
-    from hptransfer.analysis.load import load_results
-    from hptransfer.analysis.predict import as_dict, render
-    from hptransfer.analysis.predict import predict as run_predict
+    from hptransfer.analysis.load import load_results  # per command
+    from hptransfer.analysis.predict import as_dict, render  # per command
+    from hptransfer.analysis.predict import predict as run_predict  # per command
 
     predictions = run_predict(load_results(results, metric), at, metric, params=param)
     if as_json:
@@ -335,12 +343,14 @@ def train(
     A diverged run (non-finite loss or loss above train.diverge_factor x its initial value)
     stops early with status 'diverged' and exit code 0: it is a result, not an error.
     """
-    from hptransfer.config import compose_run
-    from hptransfer.train.loop import default_run_dir, run_training
+    from hptransfer.config.compose import compose_run  # per command
+    from hptransfer.config.frozen import run_id  # per command
+    from hptransfer.sweeps.store import root_dir  # per command
+    from hptransfer.train.loop import train as train_run  # per command
 
     cfg = compose_run(overrides)
-    folder = run_dir or default_run_dir(cfg)
-    result = run_training(cfg, folder, progress=not quiet)
+    folder = run_dir or root_dir() / "train" / run_id(cfg)
+    result = train_run(cfg, folder, progress=not quiet)
     if result["status"] == "failed":
         err_console.print(result["error"].rstrip(), highlight=False)
         raise typer.Exit(1)
@@ -366,17 +376,14 @@ def params(
     width multiplier m, init std, forward multiplier, learning rate, weight decay, Adam epsilon.
     Example: hpt params param=mup model.width=512 param.base_width=128
     """
-    import dataclasses
-    import json
 
-    from hptransfer.config import compose_run
-    from hptransfer.train.model import param_specs
+    from hptransfer.config.compose import compose_run  # per command
+    from hptransfer.train.model import param_specs  # per command
 
     specs = param_specs(compose_run(overrides))
     if as_json:
         print(json.dumps([dataclasses.asdict(s) for s in specs.values()], indent=1))
         return
-    from rich.table import Table
 
     table = Table("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps",
                   box=None, header_style="bold")
@@ -422,9 +429,8 @@ def coord_check(
       hpt coord-check param=sp --plot sp.png
       hpt coord-check param=completep model.n_layers=4 --widths 128,256,512 --json
     """
-    import json
 
-    from hptransfer.train import coord
+    from hptransfer.train import coord  # per command
 
     if plot is not None:
         coord.plot_format(str(plot))  # a bad file name fails now, not after the training

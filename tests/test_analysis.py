@@ -1,6 +1,6 @@
 """`hpt analyze` and `hpt predict` on synthetic results tables with a known answer.
 
-Every table follows the Parquet contract of DESIGN.md. The loss at width w and log2(lr) x is
+Every table follows the Parquet contract of docs/design.md#resultsparquet. The loss at width w and log2(lr) x is
 `l_inf + 2 (w/64)^-0.5 + 0.05 (d^2 + 0.05 d^4)`, d = x - x*(w), with x*(w) = x0 + b log2(w/128):
 a symmetric, not quite quadratic bowl whose minimum is exactly x*, so the true optimum and
 the true law are known. Runs far above the optimum diverge, as real ones do.
@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hptransfer.analysis.analyze import analyze, fmt_loss, fmt_lr, fmt_scale
+from hptransfer.analysis.analyze import analyze
 from hptransfer.analysis.load import find_groups, load_results
 from hptransfer.analysis.optimum import Curve, find_optimum
+from hptransfer.analysis.summary import fmt_loss, fmt_lr, fmt_scale
 from tests.conftest import assert_one_line_error, cli, hpt
 
 X0 = -7.3          # log2 of the optimum at the base width 128: not on any grid point

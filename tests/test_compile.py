@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from hptransfer.config import compose_run
-from hptransfer.train.loop import run_training
+from hptransfer.config.compose import compose_run
+from hptransfer.train import loop
 from hptransfer.train.param import PRESETS
 from tests.conftest import TINY
 
@@ -32,7 +32,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def train(tmp_path: Path, name: str, *overrides: str) -> list[float]:
-    result = run_training(compose_run([*TINY, *SHAPE, *overrides]), tmp_path / name, progress=False)
+    result = loop.train(compose_run([*TINY, *SHAPE, *overrides]), tmp_path / name, progress=False)
     assert result["status"] == "completed", result.get("error")  # a graph break or recompile fails the run
     return losses(tmp_path / name)
 

@@ -1,4 +1,4 @@
-"""The parameterization table against SCIENCE.md, microsoft/mup, and the abc symmetry."""
+"""The parameterization table against docs/science.md#the-abc-table, microsoft/mup, and the abc symmetry."""
 
 import json
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from hptransfer.config import compose_run
+from hptransfer.config.compose import compose_run
 from hptransfer.train.model import GPT, build, dims_of, param_specs
 from hptransfer.train.param import PRESETS
 from tests.conftest import TINY, cli
 
-# SCIENCE.md's abc table, transcribed independently of param.py: per class (a, b, c_full, c_none),
+# The abc table (docs/science.md#the-abc-table), transcribed apart from param.py: per class (a, b, c_full, c_none),
 # and g per class. c_none = c_full where the table gives one value.
 SCIENCE = {
     "sp": {"E": (0, 0, 0, 0), "H": (0, 0.5, 0, 0), "R": (0, 0.5, 0, 0), "g": (0.5, 0.5, 0)},

@@ -7,10 +7,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hptransfer import collect, launch, render, sweep
+from hptransfer import views
 from hptransfer.errors import HptError
-from hptransfer.status import RunState, _expand_ids, run_states
-from hptransfer.store import SweepFolder, read_result, result_key
+from hptransfer.sweeps import collect, launch, plan
+from hptransfer.sweeps.backends.slurm import _expand_ids
+from hptransfer.sweeps.state import run_states
+from hptransfer.sweeps.store import RunState, SweepFolder, read_result, result_key
 from tests.test_sweep import TINY_SWEEP
 
 
@@ -26,8 +28,8 @@ def ids_of(folder: SweepFolder) -> list[str]:
 
 
 def save(folder: SweepFolder, file: Path, *overrides: str) -> int:
-    spec = sweep.load(file, list(overrides))
-    return launch.prepare(folder, spec, sweep.expand(spec))
+    spec = plan.load(file, list(overrides))
+    return launch.prepare(folder, spec, plan.expand(spec))
 
 
 def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
@@ -50,7 +52,7 @@ def test_save_freezes_configs_and_only_adds_points(tiny, tmp_path):
 
 
 def test_many_atomic_writes_leave_nothing_half_written(tmp_path, monkeypatch):
-    from hptransfer import io as hio
+    from hptransfer import files as hio
 
     files = {tmp_path / f"run{i}" / "config.yaml": f"x: {i}\n" for i in range(3)}
     hio.write_many_atomic(files)
@@ -137,10 +139,10 @@ def test_a_long_runs_table_leads_with_the_runs_that_need_attention():
     states = [RunState(f"run{i}", {"model.width": 16}, "completed") for i in range(150)]
     states += [RunState(f"queued{i}", {"model.width": 16}, "pending") for i in range(120)]
     states.append(RunState("broken", {"model.width": 32}, "failed", "IndexError: out of range"))
-    table = render.runs_table(states, ["model.width"])
-    assert table.row_count == render.RUN_ROWS and "171 more runs" in table.caption
+    table = views.runs_table(states, ["model.width"])
+    assert table.row_count == views.RUN_ROWS and "171 more runs" in table.caption
     assert next(iter(table.columns[0].cells)) == "broken" and "run0" not in table.columns[0].cells
-    assert render.runs_table(states[:150], ["model.width"]).row_count == 0  # all finished: the grids say it
+    assert views.runs_table(states[:150], ["model.width"]).row_count == 0  # all finished: the grids say it
 
 
 def test_curves_in_bulk_equal_reading_each_file(tmp_path):
@@ -196,12 +198,12 @@ def test_results_index_serves_unchanged_results_and_never_a_replaced_one(tiny, t
 
 
 def test_a_finished_job_indexes_its_run(tiny, tmp_path):
-    from hptransfer.job import run
+    from hptransfer.sweeps.job import execute
 
     folder = SweepFolder(tmp_path / "runs" / "tiny")
     save(folder, tiny, "optim.lr=0.01", "sweep.seeds=[0]", "train.steps=2", "model.width=16", "param=sp")
     (rid,) = ids_of(folder)
-    assert run(folder.run_dir(rid)) == "completed"
+    assert execute(folder.run_dir(rid)) == "completed"
     key, attempts, summary = folder.result_index()[rid]
     assert summary["status"] == "completed" and summary["steps"] == 2 and attempts == 0
     assert key == result_key(folder.run_dir(rid))
@@ -210,7 +212,7 @@ def test_a_finished_job_indexes_its_run(tiny, tmp_path):
 def test_rows_to_arrow_keep_types_and_order_whatever_the_values():
     import pyarrow as pa
 
-    from hptransfer.io import arrow_table
+    from hptransfer.files import arrow_table
 
     t = arrow_table([{"run_id": "a", "x": 1, "p": "sp"}, {"run_id": "b", "x": 2.5, "p": None}])
     assert t.column_names == ["run_id", "x", "p"] and t.schema.field("x").type == pa.float64()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from hptransfer import sweep
-from hptransfer.config import compose_file, load_yaml, run_config, run_id, to_yaml
+from hptransfer.config.compose import compose_file
+from hptransfer.config.frozen import load_yaml, run_config, run_id, to_yaml
 from hptransfer.errors import HptError
+from hptransfer.sweeps import plan
 from tests.conftest import REPO, assert_one_line_error, cli
 
 TINY_SWEEP = """\
@@ -39,9 +40,9 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def test_expansion_crosses_axis_grid_and_seeds(tiny):
-    spec = sweep.load(tiny)
+    spec = plan.load(tiny)
     assert [d.key for d in spec.dims] == ["model.width", "optim.lr", "param", "train.seed"]
-    runs = sweep.expand(spec)
+    runs = plan.expand(spec)
     assert len(runs) == 2 * 5 * 2 * 2
     assert len({r.run_id for r in runs}) == len(runs)
     # Config groups are composed as groups: the mup runs carry the mup preset, the file's base width kept.
@@ -52,20 +53,20 @@ def test_expansion_crosses_axis_grid_and_seeds(tiny):
 
 
 def test_log2_range_is_one_line_and_exact(tiny):
-    lrs = sweep.load(tiny).dims[1].values
+    lrs = plan.load(tiny).dims[1].values
     assert lrs == tuple(2.0**e for e in (-8, -7.5, -7, -6.5, -6))
-    assert sweep._values("w", {"log2": [5, 7]}) == (32, 64, 128)  # whole exponents >= 0: integers
+    assert plan._values("w", {"log2": [5, 7]}) == (32, 64, 128)  # whole exponents >= 0: integers
     # The same on the command line, in Hydra's grammar:
-    dims = {d.key: d.values for d in sweep.load(tiny, ["optim.lr=tag(log2,range(-8,-5.5,0.5))",
+    dims = {d.key: d.values for d in plan.load(tiny, ["optim.lr=tag(log2,range(-8,-5.5,0.5))",
                                                         "model.width=tag(log2,choice(4,5))"]).dims}
     assert dims["optim.lr"] == lrs and dims["model.width"] == (16, 32)
     for bad in ({"log2": [-4, -8]}, {"log2": [1]}, {"log2": [0, 2], "step": 0}, {"log2": [0, 2], "base": 10}):
         with pytest.raises(HptError, match="log2"):
-            sweep._values("sweep.grid.optim.lr", bad)
+            plan._values("sweep.grid.optim.lr", bad)
 
 
 def test_command_line_sweeps_replace_or_add_dimensions(tiny):
-    spec = sweep.load(tiny, ["model.width=16,32,64", "param=choice(mup)", "train.seed=range(0,3)",
+    spec = plan.load(tiny, ["model.width=16,32,64", "param=choice(mup)", "train.seed=range(0,3)",
                              "optim.weight_decay=0,0.1", "train.steps=12"])
     dims = {d.key: d.values for d in spec.dims}
     assert dims["model.width"] == (16, 32, 64)  # the axis key replaces the axis values
@@ -74,34 +75,34 @@ def test_command_line_sweeps_replace_or_add_dimensions(tiny):
     assert dims["optim.weight_decay"] == (0, 0.1)  # a new dimension, before the seeds
     assert list(dims)[-1] == "train.seed"
     assert spec.overrides == ["train.steps=12"]
-    runs = sweep.expand(spec)
+    runs = plan.expand(spec)
     assert len(runs) == 3 * 5 * 1 * 3 * 2
     assert {r.config["train"]["steps"] for r in runs} == {12}
 
 
 def test_plain_override_of_a_swept_key_narrows_it(tiny):
-    spec = sweep.load(tiny, ["optim.lr=0.01", "param=mup", "sweep.axis.values=[32]"])
+    spec = plan.load(tiny, ["optim.lr=0.01", "param=mup", "sweep.axis.values=[32]"])
     dims = {d.key: d.values for d in spec.dims}
     assert dims["optim.lr"] == (0.01,) and dims["param"] == ("mup",) and dims["model.width"] == (32,)
     assert spec.overrides == ["sweep.axis.values=[32]"]
-    assert {r.config["param"]["name"] for r in sweep.expand(spec)} == {"mup"}
+    assert {r.config["param"]["name"] for r in plan.expand(spec)} == {"mup"}
 
 
 def test_expansion_equals_composing_each_point_with_hydra(tiny):
     """The plain-data fast path gives every point the config (and id) Hydra's own command line gives it."""
     overrides = ["optim.lr=1,0.5", "param.lr_mult.E=1,2", "train.tokens=2048", "train.seed=0"]
-    spec = sweep.load(tiny, overrides)
-    runs = sweep.expand(spec)
+    spec = plan.load(tiny, overrides)
+    runs = plan.expand(spec)
     assert len(runs) == 2 * 2 * 2 * 2
     for r in runs:
         line = [f"{k}={v}" for k, v in r.point.items()]
-        reference = sweep.derive(run_config(compose_file(tiny, [*spec.overrides, *line])))
+        reference = plan.fill_steps(run_config(compose_file(tiny, [*spec.overrides, *line])))
         assert r.config == reference and r.run_id == run_id(reference)
     assert {type(r.config["optim"]["lr"]) for r in runs} == {float}  # the int 1 typed as the schema says
 
 
 def test_config_yaml_is_omegaconfs_text_and_reads_back_identical(tiny):
-    cfg = sweep.expand(sweep.load(tiny))[0].config
+    cfg = plan.expand(plan.load(tiny))[0].config
     for path in ["/tmp/a path: with 'quotes'", "yes", "1e-3", "null", "~", "#x", "a\nb", "é" * 100, ""]:
         cfg = {**cfg, "data": {**cfg["data"], "path": path}, "optim": {**cfg["optim"], "eps": 1e-12, "lr": 3.0}}
         text = to_yaml(cfg)
@@ -111,10 +112,10 @@ def test_config_yaml_is_omegaconfs_text_and_reads_back_identical(tiny):
 
 
 def test_run_ids_are_stable_and_follow_the_config(tiny):
-    a = {r.run_id: r for r in sweep.expand(sweep.load(tiny))}
-    b = {r.run_id for r in sweep.expand(sweep.load(tiny, ["launcher.jobs=3"]))}
+    a = {r.run_id: r for r in plan.expand(plan.load(tiny))}
+    b = {r.run_id for r in plan.expand(plan.load(tiny, ["launcher.jobs=3"]))}
     assert set(a) == b  # same points, same ids; launcher settings are no part of the identity
-    changed = {r.run_id for r in sweep.expand(sweep.load(tiny, ["train.steps=11"]))}
+    changed = {r.run_id for r in plan.expand(plan.load(tiny, ["train.steps=11"]))}
     assert not changed & set(a)
     # The id is the hash of the frozen config: a job reading config.yaml gets the same id.
     r = next(iter(a.values()))
@@ -127,9 +128,9 @@ def test_steps_derive_from_tokens_and_batch(tmp_path):
     f = tmp_path / "batch.yaml"
     f.write_text(TINY_SWEEP.replace("steps: 10", "steps: 10, tokens: 4096").replace(
         "axis: {key: model.width, values: [16, 32]}", "axis: {key: train.batch_size, values: [4, 8, 16]}"))
-    runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp", "sweep.seeds=[0]"]))
+    runs = plan.expand(plan.load(f, ["optim.lr=0.01", "param=sp", "sweep.seeds=[0]"]))
     assert {r.point["train.batch_size"]: r.config["train"]["steps"] for r in runs} == {4: 32, 8: 16, 16: 8}
-    fields = sweep.derived_fields(runs[0].config)
+    fields = plan.derived_fields(runs[0].config)
     assert fields["n_heads"] == 16 // 8 and fields["tokens"] == 4096
 
 
@@ -137,7 +138,7 @@ def test_interpolations_see_the_swept_value(tmp_path):
     f = tmp_path / "interp.yaml"
     f.write_text(TINY_SWEEP.replace("param: {base_width: 16, base_depth: 1}",
                                     "param: {base_width: '${model.width}', base_depth: 1}"))
-    runs = sweep.expand(sweep.load(f, ["optim.lr=0.01", "param=sp"]))
+    runs = plan.expand(plan.load(f, ["optim.lr=0.01", "param=sp"]))
     assert {r.config["model"]["width"]: r.config["param"]["base_width"] for r in runs} == {16: 16, 32: 32}
 
 
@@ -153,7 +154,7 @@ def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):
     ]:
         assert_one_line_error(cli("sweep", str(tiny), *args, "--dry-run", "--root", str(tmp_path)), needle)
     with pytest.raises(HptError, match="empty grid"):
-        sweep._values("sweep.grid.optim.lr", [])
+        plan._values("sweep.grid.optim.lr", [])
     assert_one_line_error(cli("sweep", str(tmp_path / "nope.yaml"), "--dry-run"), "no such config file")
     assert_one_line_error(cli("sweep", str(tiny), "train.seed=1,1", "--dry-run"), "repeats a value")
     # With train.tokens set, steps are derived: sweeping steps would run the same point twice.
@@ -163,8 +164,8 @@ def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):
 
 @pytest.mark.parametrize("name", ["width", "depth", "batch", "duration"])
 def test_shipped_sweep_files_expand(name):
-    spec = sweep.load(REPO / "conf" / f"{name}.yaml")
-    runs = sweep.expand(spec)
+    spec = plan.load(REPO / "conf" / f"{name}.yaml")
+    runs = plan.expand(spec)
     assert spec.name == name and len(runs) >= 20
     assert {d.key for d in spec.dims} >= {"optim.lr", "param"}
     lrs = {d.key: d.values for d in spec.dims}["optim.lr"]

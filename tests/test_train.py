@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hptransfer.config import compose_run
+from hptransfer.config.compose import compose_run
 from hptransfer.train import loop
 from hptransfer.train.data import make_batches, shakespeare_bytes
 from hptransfer.train.optim import AdamAtan2, lr_factor

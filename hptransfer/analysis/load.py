@@ -3,7 +3,7 @@
 A *group* is the set of runs that answers one transfer question: one
 parameterization, one scaling axis (width, depth, batch size or tokens), every
 other hyperparameter held fixed, the learning rate (and the seed) swept. The
-table's columns are the Parquet contract of DESIGN.md: `status`, `lr`,
+table's columns are the Parquet contract of docs/design.md#resultsparquet: `status`, `lr`,
 `parameterization`, the scaling coordinates and every config value as
 `cfg.<dotted.key>`.
 """

@@ -1,4 +1,4 @@
-"""The three transfer metrics and the wider-is-better check (SCIENCE.md, "From a sweep to an answer").
+"""The three transfer metrics and the wider-is-better check (docs/science.md#transfer-metrics).
 
 These definitions are hptransfer's own, after Kalra & Barkeshli (2026), whose exact
 formulas were not available to us; DEFINITIONS states them for the report.

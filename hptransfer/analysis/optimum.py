@@ -1,4 +1,4 @@
-"""The optimal learning rate at one scale point (SCIENCE.md, "Optimum at one scale").
+"""The optimal learning rate at one scale point (docs/science.md#optimum-at-one-scale).
 
 Work in x = log2(lr). Seeds are averaged per learning rate; a learning rate at which
 any seed diverged (or ended with a non-finite loss) is dropped from the fits, since an

@@ -21,8 +21,9 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from hptransfer.analysis.analyze import GroupResult, fmt_scale  # noqa: E402
+from hptransfer.analysis.analyze import GroupResult  # noqa: E402
 from hptransfer.analysis.laws import LossLaw  # noqa: E402
+from hptransfer.analysis.summary import fmt_scale  # noqa: E402
 
 PANEL = (4.6, 3.6)  # inches per panel
 

@@ -3,7 +3,8 @@
 The law `log lr* = log a + b log s` of each matching group is evaluated at the target
 scale; its interval is the law's 95% confidence band there (from the residual scatter
 of the optima it was fitted to). For a width target the parameterization's per-class
-learning rates follow from its abc table: `eta * gamma_X * m^(-c_X)`, `m = width / base_width`.
+learning rates come from the table's one rule, `train.param.class_lr`
+(docs/science.md#the-abc-table).
 """
 
 from dataclasses import dataclass, field
@@ -11,13 +12,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 
-from hptransfer.analysis.analyze import GroupResult, analyze, fmt_lr, fmt_scale, jsonable
+from hptransfer.analysis.analyze import GroupResult, analyze
 from hptransfer.analysis.load import AXES, BOOKKEEPING
+from hptransfer.analysis.summary import fmt_lr, fmt_scale, jsonable
+from hptransfer.config.compose import compose_run
+from hptransfer.config.derived import flatten
 from hptransfer.errors import HptError
-from hptransfer.train.param import PRESETS
+from hptransfer.train.param import PRESETS, class_lr
 
 # `--at` key -> scaling axis
 AT_KEYS = {
@@ -99,36 +104,30 @@ def _predict_group(r: GroupResult, target: float) -> Prediction:
 def per_class_lrs(
     param: str, fixed: dict[str, Any], width: float, lr: float
 ) -> tuple[dict[str, float] | None, list[str]]:
-    """Each class's learning rate at `width`: eta * gamma_X * m^(-c_X), V unscaled (SCIENCE.md's abc table).
-
-    A depth-scaled preset off its base depth also multiplies H (and the gains in blocks) by mL^(alpha - 1).
-    """
+    """Each class's learning rate at `width`, by the table's rule `class_lr` (eta * gamma_X * m^(-c_X);
+    a depth-scaled preset off its base depth also scales H and the gains in blocks by mL^(alpha - 1))."""
     preset, base = PRESETS.get(param), fixed.get("param.base_width")
     if preset is None:
         return None, [f"no per-class learning rates: {param} is not a preset of hptransfer.train.param"]
     if base is None:
         return None, ["no per-class learning rates: the table has no param.base_width"]
     m = width / float(base)
-
-    def gamma(cls: str) -> float:
-        value = fixed.get(f"param.lr_mult.{cls}")
-        return 1.0 if value is None else float(value)
-
-    out = {}
-    for cls in ("E", "H", "R"):
-        abc = getattr(preset, cls)
-        c = abc.c_none if fixed.get("param.alignment") == "none" and abc.c_none is not None else abc.c
-        out[cls] = lr * gamma(cls) * m ** (-c)
-    out["V"] = lr * gamma("V")
-    notes = [f"per class: eta * gamma_X * m^(-c_X) with m = {fmt_scale(width)} / {fmt_scale(float(base))} = {m:g}"]
     alpha = fixed.get("param.depth_alpha")
     alpha = preset.depth_alpha if alpha is None else float(alpha)
     layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")
-    if alpha > 0 and layers and base_depth and layers != base_depth:
-        depth = (layers / base_depth) ** (alpha - 1)
-        out["H"] *= depth
-        out["V in blocks"] = out["V"] * depth
-        notes.append(f"depth: H and the gains in blocks x mL^(alpha-1) = {depth:g}")
+    m_depth = layers / base_depth if layers and base_depth else 1.0
+
+    def rate(cls: str, in_blocks: bool = False) -> float:
+        gamma = fixed.get(f"param.lr_mult.{cls}")
+        return class_lr(preset, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
+                        alignment=fixed.get("param.alignment") or "full", alpha=alpha, m_depth=m_depth,
+                        in_blocks=in_blocks)
+
+    out = {cls: rate(cls) for cls in ("E", "H", "R", "V")}
+    notes = [f"per class: eta * gamma_X * m^(-c_X) with m = {fmt_scale(width)} / {fmt_scale(float(base))} = {m:g}"]
+    if alpha > 0 and m_depth != 1:
+        out["V in blocks"] = rate("V", in_blocks=True)
+        notes.append(f"depth: H and the gains in blocks x mL^(alpha-1) = {m_depth ** (alpha - 1):g}")
     return out, notes
 
 
@@ -154,21 +153,7 @@ def launch_overrides(r: GroupResult, target: float, lr: float, notes: list[str])
 
 def _defaults(param: str) -> dict[str, Any]:
     """The flattened run config `hpt train param=<param>` starts from."""
-    from omegaconf import OmegaConf
-
-    from hptransfer.config import compose_run
-
-    return _flatten(OmegaConf.to_container(compose_run([f"param={param}"]), resolve=True))
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return flatten(OmegaConf.to_container(compose_run([f"param={param}"]), resolve=True))
 
 
 def _same(value: Any, default: Any) -> bool:

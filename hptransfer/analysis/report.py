@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from hptransfer.analysis.analyze import Analysis, fmt_loss, fmt_lr, fmt_scale, summary
+from hptransfer.analysis.analyze import Analysis
 from hptransfer.analysis.metrics import DEFINITIONS
-from hptransfer.io import write_atomic, write_json_atomic
+from hptransfer.analysis.summary import fmt_loss, fmt_lr, fmt_scale, summary
+from hptransfer.files import write_atomic, write_json_atomic
 
 OPTIMUM_METHOD = (
     "Per scale point, runs are averaged over seeds per learning rate; a learning rate where any seed "

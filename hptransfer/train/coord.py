@@ -1,4 +1,4 @@
-"""The muP coordinate check (SCIENCE.md, "The coordinate check").
+"""The muP coordinate check (docs/science.md#the-coordinate-check).
 
 Train the same model at several widths for a few steps on one fixed batch at a fairly
 large, constant learning rate, and record the mean absolute value of every module's
@@ -19,7 +19,7 @@ Measured outputs, in forward order (as the network uses them, multipliers includ
 Verdict: a cell (output, step) passes when |slope| < tol, with one allowance. The logits
 and the attention logits carry an init part that shrinks with width by design (muP's
 readout multiplier 1/m on a width-constant init: W_R (x0 + dx) / m decays as m^-1/2;
-1/d_head attention with a growing head size). SCIENCE.md allows that at step 1; at the
+1/d_head attention with a growing head size). The rule allows that at step 1; at the
 widths a CPU reaches it still dominates steps 2-4 (muP, widths 128-1024, lr 1e-3: logits
 slopes -0.5, -0.37, -0.18, -0.11 while every hidden output stays within 0.09 of flat; with a
 zero-initialised readout the logits are flat from step 2). So for these two outputs only
@@ -35,18 +35,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
 
-from hptransfer.config import compose_run, heads_and_dim
+from hptransfer.config.compose import compose_run
+from hptransfer.config.derived import heads_and_dim
 from hptransfer.errors import HptError
-from hptransfer.io import write_atomic
+from hptransfer.files import write_atomic
 from hptransfer.train.data import make_batches
-from hptransfer.train.loop import pick_device, precision
-from hptransfer.train.model import GPT, apply_rope, build
-from hptransfer.train.optim import build_optimizer
+from hptransfer.train.model import GPT, apply_rope
+from hptransfer.train.step import pick_device, setup, train_step
 
 # The check's own defaults; each applies only when the user's overrides leave that key alone.
 # - optim.lr: "fairly large": SP's hidden outputs grow as m^0.4 to m^1.5 by steps 2-4 (19 of 36
@@ -191,27 +190,20 @@ def measure(cfg: DictConfig, steps: int) -> dict[str, list[float]]:
     check looks at, tiny) and the forward runs in full precision (no autocast).
     """
     device = pick_device(cfg)
-    param_dtype, _ = precision(cfg, device)
     x, y = make_batches(cfg).train_batch(0, device)
-    torch.manual_seed(cfg.train.seed)
-    model, specs = build(cfg)
-    model.to(device=device, dtype=param_dtype)
-    opt = build_optimizer(model, specs, cfg)  # every group starts at its base_lr
+    s = setup(cfg, device, measure=True)  # every optimizer group starts at its base_lr
     record: dict[str, torch.Tensor] = {}
-    handles = _hooks(model, record)
+    handles = _hooks(s.model, record)
     sizes: dict[str, list[float]] = {}
     try:
         for step in range(steps):
-            logits = model(x)
+            if step < steps - 1:
+                train_step(s, x, y)  # its forward pass is the one measured
+            else:
+                with torch.no_grad():  # the last step is measured, not trained
+                    s.model(x)
             for name, value in record.items():
                 sizes.setdefault(name, []).append(float(value))
-            if step == steps - 1:
-                break  # the last step is measured, not trained
-            F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
     finally:
         for h in handles:
             h.remove()

@@ -17,46 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import hptransfer
-from hptransfer.config import load_yaml, run_id, steps_of, to_yaml
+from hptransfer.config.derived import FLOPS_FORMULA, steps_of, train_flops
+from hptransfer.config.frozen import load_yaml, run_id, to_yaml
 from hptransfer.errors import HptError
-from hptransfer.io import write_atomic, write_json_atomic
+from hptransfer.files import write_atomic, write_json_atomic
 from hptransfer.provenance import git_state
 from hptransfer.train.data import Batches, make_batches
-from hptransfer.train.model import build
-from hptransfer.train.optim import build_optimizer, lr_factor, set_lr
+from hptransfer.train.optim import lr_factor, set_lr
 from hptransfer.train.rules import apply_rules
-
-FLOPS_FORMULA = "6 * N * tokens + 12 * n_layers * width * seq_len * tokens (N: parameters except embeddings)"
-
-
-def train_flops(n_params_non_embedding: int, n_layers: int, width: int, seq_len: int, tokens: int) -> int:
-    """Training compute by FLOPS_FORMULA (also what `hpt sweep --dry-run` estimates with)."""
-    return 6 * n_params_non_embedding * tokens + 12 * n_layers * width * seq_len * tokens
-
-
-def default_run_dir(cfg: DictConfig) -> Path:
-    return Path(os.environ.get("HPT_ROOT", "runs")) / "train" / run_id(cfg)
-
-
-def pick_device(cfg: DictConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise HptError("config key 'train.device': cuda requested but no GPU is visible")
-    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def precision(cfg: DictConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(parameter dtype, autocast dtype or None): auto = bf16 autocast on CUDA, fp32 on CPU."""
-    d = cfg.train.dtype
-    if d == "float64":
-        return torch.float64, None
-    if d == "bfloat16" or (d == "auto" and device.type == "cuda"):
-        return torch.float32, torch.bfloat16
-    return torch.float32, None
+from hptransfer.train.step import evaluate, pick_device, setup, train_step
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -74,31 +46,14 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Batches, n: int, device: torch.device,
-             autocast: torch.dtype | None) -> float:
-    model.eval()
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    for x, y in batches.val_batches(n, device):
-        with _autocast(device, autocast):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).double()
-    model.train()
-    return float(total / n)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def run_folder(run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+def train_folder(run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
     """What a job runs: train the frozen config in `run_dir/config.yaml`. Never raises for a bad run."""
     run_dir = Path(run_dir)
     try:
         cfg = load_yaml(run_dir / "config.yaml")
     except HptError as err:
         return _write_failed(run_dir, None, err, sweep=run_dir.parent.name)
-    return run_training(cfg, run_dir, progress=progress, sweep=run_dir.parent.name, raise_bad_input=False)
+    return train(cfg, run_dir, progress=progress, sweep=run_dir.parent.name, raise_bad_input=False)
 
 
 def _write_failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, sweep: str | None) -> dict:
@@ -116,8 +71,8 @@ def _write_failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, swe
     return result
 
 
-def run_training(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep: str | None = None,
-                 raise_bad_input: bool = True) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep: str | None = None,
+          raise_bad_input: bool = True) -> dict[str, Any]:
     """Train `cfg` into `run_dir` and return the result record (also written to result.json).
 
     A finished folder is never trained again: its result is returned as it is.
@@ -147,13 +102,10 @@ def run_training(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep
 def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, *, progress: bool,
            sweep: str | None) -> dict[str, Any]:
     t_start = time.time()
-    param_dtype, autocast = precision(cfg, device)
     eff, effective = apply_rules(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model, specs = build(eff)
-    model.to(device=device, dtype=param_dtype)
-    opt = build_optimizer(model, specs, eff)
-    total = steps_of(cfg)
+    s = setup(eff, device)
+    model, opt = s.model, s.opt
+    total = steps_of(cfg.train)
     step0, losses, initial = 0, [], None
     ckpt = run_dir / "checkpoint.pt"
     metrics = run_dir / "metrics.jsonl"
@@ -164,7 +116,6 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         step0, losses, initial = state["step"], state["losses"], state["initial"]
     # The loss curve on disk holds exactly the steps before step0 (a killed attempt may have logged more).
     write_atomic(metrics, "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
-    fwd = torch.compile(model) if cfg.train.compile else model
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     pending: list[torch.Tensor] = []  # losses still on the device: read back only at log steps
     status, diverged_at = "completed", None
@@ -175,16 +126,7 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         task = bar.add_task("train", total=total, completed=step0, loss=float("nan"), tps=0.0) if bar else None
         for step in range(step0, total):
             set_lr(opt, lr_factor(step, total, eff))
-            x, y = batches.train_batch(step, device)
-            with _autocast(device, autocast):
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
-            if eff.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), eff.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append(loss.detach())
+            pending.append(train_step(s, *batches.train_batch(step, device)))
             last = step == total - 1
             if (step + 1) % cfg.train.log_every and not last:
                 continue
@@ -212,10 +154,10 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
                 last_ckpt = step + 1
     steps_done = step + 1
     train_s = time.time() - t_train
-    val = evaluate(model, batches, cfg.train.val_batches, device, autocast) if status == "completed" else None
+    val = evaluate(s, batches, cfg.train.val_batches) if status == "completed" else None
     window = losses[: len(losses) if diverged_at is None else diverged_at][-cfg.train.final_window :]
     n_params = sum(p.numel() for p in model.parameters())
-    n_emb = sum(p.numel() for n, p in model.named_parameters() if specs[n].cls == "E")
+    n_emb = sum(p.numel() for n, p in model.named_parameters() if s.specs[n].cls == "E")
     tokens = steps_done * tokens_per_step
     d = model.dims
     result = {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from hptransfer.config import heads_and_dim
+from hptransfer.config.derived import heads_and_dim
 from hptransfer.train.param import TensorSpec, residual_mult, tensor_specs, uses_mup_attention
 
 

@@ -1,17 +1,20 @@
 """The parameterization table: the one place that knows what each preset does.
 
 Every preset is, per parameter class X (E embedding, H hidden matrix, R readout,
-V vector-like), the exponents of SCIENCE.md's abc table: forward multiplier
-m^(-a), init std sigma * m^(-b), learning rate eta * gamma * m^(-c), Adam epsilon
-eps * m^(-g); plus depth scaling (CompleteP / depth-muP) with exponent alpha.
-`tensor_specs` turns a config and the model's parameter shapes into one
-`TensorSpec` per tensor; the model and the optimizer read those and nothing else.
+V vector-like), the exponents of the abc table (docs/science.md#the-abc-table): forward
+multiplier m^(-a), init std sigma * m^(-b), learning rate eta * gamma * m^(-c), Adam epsilon
+eps * m^(-g); plus depth scaling (CompleteP / depth-muP, docs/science.md#depth) with exponent
+alpha. `tensor_specs` turns a config and the model's parameter shapes into one `TensorSpec` per
+tensor; the model and the optimizer read those and nothing else. `class_lr` is the one
+per-class learning-rate rule: training and `hpt predict` both ask it.
 """
 
 import re
 from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig
+
+from hptransfer.config.schema import CHOICES
 
 CLASSES = ("E", "H", "R", "V")
 
@@ -52,7 +55,7 @@ _MUP_EVERETT = Preset(
 # microsoft/mup's form: mup_everett moved by the symmetry with t = 1/2 on E and R, 0 on H.
 _MUP = replace(_MUP_EVERETT, E=_MUP_EVERETT.E.shifted(0.5), R=_MUP_EVERETT.R.shifted(0.5))
 
-# SCIENCE.md's abc table, row for row.
+# The abc table of docs/science.md#the-abc-table, row for row.
 PRESETS: dict[str, Preset] = {
     "sp": _SP,
     "sp_emb": replace(_SP, E=ABC(0, 0, -1, 0.5)),
@@ -64,6 +67,8 @@ PRESETS: dict[str, Preset] = {
     "completep": replace(_MUP, depth_alpha=1.0),
     "depth_mup": replace(_MUP, depth_alpha=0.5),
 }
+if tuple(PRESETS) != CHOICES["param.name"]:  # the schema lists the names users may choose: the same ones
+    raise ImportError(f"PRESETS {tuple(PRESETS)} and the schema's param.name choices differ")
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,25 @@ def residual_mult(cfg: DictConfig) -> float:
     return (cfg.model.n_layers / cfg.param.base_depth) ** -depth_alpha(cfg)
 
 
+def lr_exponent(abc: ABC, alignment: str) -> float:
+    """c_X; param.alignment=none changes it (and only it) where the table says so."""
+    return abc.c_none if (alignment == "none" and abc.c_none is not None) else abc.c
+
+
+def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
+             m_depth: float, in_blocks: bool) -> float:
+    """The learning rate of a tensor of class `cls`: eta * gamma_X * m^(-c_X), and for depth scaling
+    (alpha > 0) H, and the gains in blocks, x mL^(alpha - 1).
+
+    alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule (which would
+    give hidden LRs 1/mL): SP stays SP when deeper.
+    """
+    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(preset, cls), alignment))
+    if alpha > 0 and (cls == "H" or (cls == "V" and in_blocks)):
+        out *= m_depth ** (alpha - 1)
+    return out
+
+
 def uses_mup_attention(cfg: DictConfig) -> bool:
     scale = cfg.model.attn_scale
     return scale == "inv" or (scale == "auto" and PRESETS[cfg.param.name].mup_attention)
@@ -129,15 +153,10 @@ def tensor_specs(
             # Weights are (out, in) and embeddings (rows, width): dim 1 is the fan-in of H and R
             # and the width of E, the dimension whose growth each rule is stated against.
             m = shape[1] / base[1]
-        c = abc.c_none if (p.alignment == "none" and abc.c_none is not None) else abc.c
         b = 0.0 if cfg.init.scheme == "constant" else abc.b
-        hidden = name.startswith("blocks.")
-        lr = o.lr * p.lr_mult[cls] * m ** (-c)
+        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
+                      m_depth=m_depth, in_blocks=name.startswith("blocks."))
         eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
-        # alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule
-        # (which would give hidden LRs 1/mL): SP stays SP when deeper.
-        if alpha > 0 and (cls == "H" or (cls == "V" and hidden)):
-            lr *= m_depth ** (alpha - 1)
         if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
             eps *= m_depth ** (-alpha)
         if cls == "V":
@@ -154,7 +173,7 @@ def tensor_specs(
             init_std=init_std,
             fwd_mult=p.out_mult.get(cls, 1.0) * m ** (-abc.a),
             lr=lr,
-            weight_decay=_weight_decay(cfg, cls, m, c),
+            weight_decay=_weight_decay(cfg, cls, m, lr_exponent(abc, p.alignment)),
             eps=eps,
         )
     return specs

@@ -1,4 +1,5 @@
-"""Batch-size and duration rules (SCIENCE.md): transform the base hyperparameters before training.
+"""Batch-size and duration rules: transform the base hyperparameters before training
+(docs/science.md#batch-size-and-duration-rules).
 
 The run config keeps the swept base values; `apply_rules` returns the config the run actually
 trains with and a record of what changed, which goes into result.json.
@@ -8,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config import steps_of
+from hptransfer.config.derived import tokens_of
 
 
 def apply_rules(cfg: DictConfig | dict[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
@@ -28,7 +29,7 @@ def apply_rules(cfg: DictConfig | dict[str, Any]) -> tuple[DictConfig, dict[str,
             o.eps /= k**0.5
         record["batch_rule"] = {"k": k, "lr_rule": b.lr_rule, "adam_rule": b.adam_rule}
     if d.base_tokens is not None and (d.lr_rule != "none" or d.wd_rule != "none"):
-        tokens = steps_of(eff) * eff.train.batch_size * eff.train.seq_len
+        tokens = tokens_of(eff.train)
         r = tokens / d.base_tokens
         if d.lr_rule == "power":
             o.lr *= r**d.lr_exponent

@@ -1,7 +1,7 @@
 """What `hpt sweep` and `hpt status` show: rich tables for the plan, the runs, the loss grid, live progress.
 
-Pure presentation: everything here takes states and specs computed elsewhere and returns
-renderables (or, for the live display, prints them).
+Pure presentation: everything here takes states, specs and figures computed elsewhere and returns
+renderables (or, for the live display, prints them). Nothing here asks a scheduler anything.
 """
 
 import math
@@ -16,10 +16,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hptransfer.status import STATES, RunState, counts
+from hptransfer.config.derived import run_flops
+from hptransfer.sweeps.state import counts
+from hptransfer.sweeps.store import STATES, RunState
 
-if TYPE_CHECKING:  # the status views must not import Hydra: the plan imports sweep when it draws
-    from hptransfer.sweep import Run, SweepSpec
+if TYPE_CHECKING:  # the status views must not import Hydra: the plan's figures come from sweeps.plan
+    from hptransfer.sweeps.backends.local import Progress
+    from hptransfer.sweeps.backends.slurm import SlurmLauncher
+    from hptransfer.sweeps.plan import Run, SweepSpec
 
 LR_KEY = "optim.lr"
 STATE_STYLE = {"pending": "dim", "running": "yellow", "completed": "green", "diverged": "magenta",
@@ -52,7 +56,7 @@ def fmt_flops(x: float) -> str:
 
 def plan(spec: "SweepSpec", runs: "list[Run]", to_launch: int, launcher_name: str) -> Group:
     """Run count, the grid, derived fields and compute per axis value, and totals."""
-    from hptransfer.sweep import GPU_FLOPS_PER_S, derived_fields, estimate_flops
+    from hptransfer.sweeps.plan import GPU_FLOPS_PER_S, derived_fields  # here: it imports Hydra, status must not
 
     dims = Table("dimension", "values", "n", title=f"sweep '{spec.name}': {len(runs)} runs", box=None,
                  header_style="bold", title_justify="left")
@@ -67,7 +71,7 @@ def plan(spec: "SweepSpec", runs: "list[Run]", to_launch: int, launcher_name: st
     total = 0.0
     for value, group in per_axis.items():
         fields = [derived_fields(r.config) for r in group]
-        flops = [estimate_flops(r.config) for r in group]
+        flops = [run_flops(r.config) for r in group]
         total += sum(flops)
         rule = {f["lr_effective"] / r.config["optim"]["lr"] for f, r in zip(fields, group, strict=True)}
 
@@ -84,23 +88,19 @@ def plan(spec: "SweepSpec", runs: "list[Run]", to_launch: int, launcher_name: st
     return Group(dims, Text(), derived, Text(), totals)
 
 
-def slurm_plan(launcher: Any, folder: Any, to_launch: int, runs: "list[Run]") -> Group:
-    """How the runs would go to SLURM: arrays, parallelism, requeue readiness, and the sbatch script."""
-    from hptransfer.launch import array_size, sbatch_script, submitit_folder
-
-    size = array_size(launcher)
+def slurm_plan(launcher: "SlurmLauncher", size: int, script: str, to_launch: int, runs: "list[Run]") -> Group:
+    """How the runs would go to SLURM (arrays of at most `size`), requeue readiness, and the sbatch script."""
     n_arrays = math.ceil(to_launch / size) if to_launch else 0
     lines = [Text(f"SLURM: {to_launch} runs as {n_arrays} job array(s) of at most {size} (MaxArraySize), "
                   f"{launcher.array_parallelism} at once, {launcher.timeout_min} min each, requeued up to "
                   f"{launcher.max_requeue} times on timeout")]
     if any(r.config["train"]["checkpoint_every"] == 0 for r in runs):
         lines.append(Text("warning: train.checkpoint_every is 0: a requeued run restarts from step 0", "yellow"))
-    script = sbatch_script(launcher, folder.name, submitit_folder(folder), max(to_launch, 1))
     return Group(Text(), *lines, Text("sbatch script of the first array:", "bold"),
                  Text(script))
 
 
-def sweep_done(name: str, progress: Any, total: int) -> Text:
+def sweep_done(name: str, progress: "Progress", total: int) -> Text:
     launched = sum(progress.done.values())
     if not launched:
         return Text(f"sweep '{name}': nothing to launch: all {total} runs have results or live jobs "
@@ -239,7 +239,7 @@ class LiveProgress:
     def __exit__(self, *exc: object) -> None:
         self.live.__exit__(*exc)
 
-    def __call__(self, event: str, s: RunState | None, p: Any) -> None:
+    def __call__(self, event: str, s: RunState | None, p: "Progress") -> None:
         if event == "ended":
             done = sum(p.done.values())
             loss = s.final_loss
@@ -250,7 +250,7 @@ class LiveProgress:
                               (f"  [{done}/{p.total}]", "dim")), highlight=False, soft_wrap=True)
         self.live.update(self._status(p))
 
-    def _status(self, p: Any) -> RenderableType:
+    def _status(self, p: "Progress") -> RenderableType:
         done = sum(p.done.values())
         eta = p.eta_s(self.slots)
         bar_w = 30

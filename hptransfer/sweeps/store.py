@@ -1,4 +1,4 @@
-"""The sweep folder of DESIGN.md, and what each run folder says about its run.
+"""The sweep folder (docs/design.md#the-sweep-folder), and what each run folder says about its run.
 
     <root>/<sweep>/
       sweep.yaml          the composed sweep as last launched (dimensions after command-line overrides)
@@ -26,16 +26,46 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
+from hptransfer.config.derived import SEED_KEY, flatten
 from hptransfer.errors import HptError
-from hptransfer.io import arrow_table, write_atomic, write_many_atomic
+from hptransfer.files import arrow_table, json_lines, write_atomic, write_many_atomic
 
-if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (sweep, config) at all
-    from hptransfer.sweep import Run, SweepSpec
+if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (the plan) at all
+    from hptransfer.sweeps.plan import Run, SweepSpec
 
 ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
 RESULTS_INDEX = "results.jsonl"  # the index of finished runs, so `hpt status` need not read 10,000 files
 INDEX_FIELDS = frozenset({"run_id", "key", "attempts", "result"})
 SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
+STATES = ("pending", "running", "completed", "diverged", "failed", "cancelled")
+
+
+@dataclass
+class RunState:
+    """What is known of one run: its state (one of STATES) and why, its job, its result (once finished)."""
+
+    run_id: str
+    point: dict[str, Any]
+    state: str
+    reason: str = ""
+    active: bool = False  # a live job (queued or running) holds the run: it must not be launched again
+    job_id: str | None = None
+    executor: str | None = None
+    attempts: int = 0
+    step: int | None = None
+    result: dict[str, Any] | None = None
+    log_tail: str | None = None
+
+    @property
+    def final_loss(self) -> float | None:
+        return None if self.result is None else self.result.get("final_val_loss")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, **self.point, "state": self.state, "reason": self.reason,
+                "job_id": self.job_id, "executor": self.executor, "attempts": self.attempts, "step": self.step,
+                "final_val_loss": self.final_loss,
+                "final_train_loss": None if self.result is None else self.result.get("final_train_loss"),
+                "log_tail": self.log_tail}
 
 
 def root_dir(root: Path | None = None) -> Path:
@@ -93,7 +123,7 @@ class SweepFolder:
 
     def job_records(self) -> list[dict[str, Any]]:
         """Every job record, oldest first; a torn line (a writer killed mid-write) is skipped."""
-        return _json_lines(self.jobs_file)
+        return json_lines(self.jobs_file)
 
     def result_index(self) -> dict[str, list[Any]]:
         """Finished runs by id: [their result.json's key, attempts, result summary], the latest line of each.
@@ -102,7 +132,7 @@ class SweepFolder:
         to read. It is derived and disposable: a torn or foreign line is skipped, and an entry whose
         key no longer matches its result.json (a result replaced) is read again from the file.
         """
-        return {r["run_id"]: [r["key"], r["attempts"], r["result"]] for r in _json_lines(self.path / RESULTS_INDEX)
+        return {r["run_id"]: [r["key"], r["attempts"], r["result"]] for r in json_lines(self.path / RESULTS_INDEX)
                 if isinstance(r, dict) and r.keys() >= INDEX_FIELDS}
 
     def index_results(self, entries: list[dict[str, Any]]) -> None:
@@ -111,7 +141,7 @@ class SweepFolder:
             with suppress(OSError), open(self.path / RESULTS_INDEX, "a") as f:
                 f.write("".join(json.dumps(e) + "\n" for e in entries))
 
-    def check(self, spec: "SweepSpec") -> dict[str, Any]:
+    def same_definition(self, spec: "SweepSpec") -> dict[str, Any]:
         """The sweep's definition; an HptError naming the difference if this name holds a different one."""
         new = sweep_definition(spec)
         old = self.definition()
@@ -124,11 +154,11 @@ class SweepFolder:
 
         Call under `lock()`. A sweep of this name defined differently is an HptError naming the difference.
         """
-        from omegaconf import OmegaConf
+        from omegaconf import OmegaConf  # here, not above: `hpt status` needs no OmegaConf
 
-        from hptransfer.config import to_yaml
+        from hptransfer.config.frozen import to_yaml  # likewise
 
-        new_def = self.check(spec)
+        new_def = self.same_definition(spec)
         old_rows = self.manifest()
         known = {r["run_id"] for r in old_rows}
         rows, configs = [], {}
@@ -151,7 +181,7 @@ class SweepFolder:
 
 def sweep_definition(spec: "SweepSpec") -> dict[str, Any]:
     """The composed sweep as launched: the file's config with its dimensions as the command line left them."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # here, not above: `hpt status` needs no OmegaConf
 
     cfg = OmegaConf.to_container(spec.composed, resolve=True)
     axis, *grid, seeds = spec.dims
@@ -173,8 +203,6 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
     The swept keys themselves stay (adding a dimension changes every point), their values go; a swept
     config group keeps its subtree (the file's settings under it still matter).
     """
-    from hptransfer.sweep import SEED_KEY
-
     d = json.loads(json.dumps(definition))
     s = d.pop("sweep")
     d.pop("launcher", None)
@@ -187,17 +215,6 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
         if path and isinstance(node, dict):
             node.pop(leaf, None)
     return {"config": flatten(d), "axis": s["axis"]["key"], "grid": sorted(s["grid"])}
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one mapping of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _check_same_definition(name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -272,23 +289,6 @@ def index_entry(key: list[int] | None, result: dict[str, Any], attempts: int) ->
         return None
     return {"run_id": result["run_id"], "key": key, "attempts": attempts,
             "result": {k: result.get(k) for k in SUMMARY_KEYS}}
-
-
-def _json_lines(path: Path) -> list[Any]:
-    """The records of a JSON-lines file, in one parse; line by line (skipping torn ones) only when needed."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    lines = text.splitlines()
-    try:
-        return json.loads("[" + ",".join(lines) + "]")
-    except json.JSONDecodeError:
-        records = []
-        for line in lines:
-            with suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-        return records
 
 
 def set_aside_result(run_dir: Path) -> None:

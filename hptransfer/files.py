@@ -1,10 +1,12 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of either), and rows to Arrow."""
+"""Files: atomic writes (a reader sees the old file or the new one, never half of either), JSON-lines
+reading that survives a torn line, and rows to Arrow."""
 
 import ctypes
 import io
 import json
 import os
 import tempfile
+from contextlib import suppress
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,27 @@ def write_many_atomic(files: dict[Path, str | bytes]) -> None:
         for tmp, _ in tmps:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_lines(path: Path | str) -> list[Any]:
+    """The records of a JSON-lines file, in one parse; line by line (skipping torn ones) only when needed.
+
+    A missing file has no records. A line torn by a writer killed mid-write is skipped, never fatal.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines()
+    try:
+        return json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        records = []
+        for line in lines:
+            with suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
 
 
 def sync_filesystem(path: Path) -> None:

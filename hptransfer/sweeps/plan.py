@@ -1,4 +1,4 @@
-"""Sweep files: compose one, expand its grid into runs with stable ids, estimate their compute.
+"""The plan: compose a sweep file, expand its grid into runs with stable ids, estimate their compute.
 
 A sweep file is a Hydra config that composes the base run config and adds a `sweep` block:
 
@@ -17,7 +17,7 @@ A sweep file is a Hydra config that composes the base run config and adds a `swe
 to its one value; every other override applies to every run. `expand` crosses axis x grid x
 seeds: each point is composed (config groups as group overrides, keys set on the composed config,
 as Hydra's own command line would), its derived fields filled in, validated, and identified by
-`config.run_id`.
+`config.frozen.run_id`. The file's format: docs/usage.md#sweep-files.
 """
 
 import itertools
@@ -25,7 +25,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,23 +33,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config import (
-    RUN_KEYS,
-    RunConfig,
-    canonical_json,
-    check,
-    compose_file,
-    heads_and_dim,
-    id_of,
-    run_config,
-    steps_for_tokens,
-    typed_value,
-    validate,
-)
+from hptransfer.config.compose import compose_file
+from hptransfer.config.derived import SEED_KEY, flatten, heads_and_dim, steps_for_tokens, tokens_of
+from hptransfer.config.frozen import canonical_json, id_of, run_config
+from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, typed_value, validate
 from hptransfer.errors import HptError
+from hptransfer.train.rules import apply_rules
 
 GROUPS = frozenset({"model", "param", "optim", "data", "train", "launcher"})  # Hydra config groups
-SEED_KEY = "train.seed"
 # Sustained training throughput assumed for GPU-hour estimates: an H100 at ~40% of its bf16 peak.
 GPU_FLOPS_PER_S = 4e14
 
@@ -105,7 +95,8 @@ def load(path: Path, overrides: list[str] | None = None, *, name: str | None = N
         raise HptError("sweep.axis needs 'key' and 'values', e.g. axis: {key: model.width, values: [64, 128]}")
     dims = [Dim(str(axis.key), _values("sweep.axis.values", axis["values"]))]
     grid = OmegaConf.to_container(block.get("grid") or OmegaConf.create({}), resolve=True)
-    dims += [Dim(k, _values(f"sweep.grid.{k}", v)) for k, v in _flatten(grid).items()]
+    # `{optim: {lr: [...]}}` and `{optim.lr: [...]}` both name the dimension 'optim.lr'.
+    dims += [Dim(k, _values(f"sweep.grid.{k}", v)) for k, v in flatten(grid, keep=lambda v: "log2" in v).items()]
     if any(d.key == SEED_KEY for d in dims):
         raise HptError(f"set seeds with sweep.seeds, not with a '{SEED_KEY}' grid entry")
     dims.append(Dim(SEED_KEY, _values("sweep.seeds", block.get("seeds", [0]))))
@@ -153,18 +144,6 @@ def _set_dim(dims: list[Dim], new: Dim) -> list[Dim]:
     if any(d.key == new.key for d in dims):
         return [new if d.key == new.key else d for d in dims]
     return [*dims[:-1], new, dims[-1]]
-
-
-def _flatten(grid: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{optim: {lr: [...]}}` and `{optim.lr: [...]}` both name the dimension 'optim.lr'."""
-    out: dict[str, Any] = {}
-    for key, value in grid.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and "log2" not in value:
-            out.update(_flatten(value, f"{full}."))
-        else:
-            out[full] = value
-    return out
 
 
 def _values(where: str, spec: Any) -> tuple[Any, ...]:
@@ -230,8 +209,8 @@ def expand(spec: SweepSpec) -> list[Run]:
             cfg = run_config(validate(_with_values(base, {k: v for k, v in point.items() if k not in GROUPS})))
         else:
             cfg = _with_values(base, {d.key: t[i] for d, t, i in zip(spec.dims, typed, index, strict=True) if t})
-            check(cfg)
-        cfg = derive(cfg)
+            check_values(cfg)
+        cfg = fill_steps(cfg)
         canon = canonical_json(cfg)
         rid = id_of(canon)
         if rid in runs:
@@ -253,12 +232,11 @@ def _with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]
     return cfg
 
 
-def derive(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Fill the derived fields: train.steps from train.tokens when tokens are set.
+def fill_steps(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Set train.steps from train.tokens when tokens are set: the frozen config says how long the run trains.
 
-    Heads follow width at fixed model.head_dim, and the batch/duration rules of SCIENCE.md are
-    applied by training from scaling.*; both stay as configured so the frozen config keeps the
-    base values. Setting steps here makes the frozen config say how long the run trains.
+    Heads follow width at fixed model.head_dim, and the batch/duration rules are applied by
+    training from scaling.*; both stay as configured so the frozen config keeps the base values.
     """
     t = cfg["train"]
     if t["tokens"] is not None:
@@ -268,41 +246,7 @@ def derive(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def derived_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a run's config implies: heads, steps, tokens and the learning rate after the scaling rules."""
-    from hptransfer.train.rules import apply_rules
-
     n_heads, _, _ = heads_and_dim(SimpleNamespace(**cfg["model"]), cfg["model"]["width"])
     _, effective = apply_rules(cfg)
-    return {"n_heads": n_heads, "steps": cfg["train"]["steps"], "tokens": tokens_of(cfg),
+    return {"n_heads": n_heads, "steps": cfg["train"]["steps"], "tokens": tokens_of(cfg["train"]),
             "lr_effective": effective["lr"]}
-
-
-def tokens_of(cfg: dict[str, Any]) -> int:
-    """Tokens a run trains on (its steps are already derived from train.tokens by `expand`)."""
-    t = cfg["train"]
-    return t["steps"] * t["batch_size"] * t["seq_len"]
-
-
-def estimate_flops(cfg: dict[str, Any]) -> float:
-    """Training FLOPs of one run by the formula training reports."""
-    from hptransfer.train.loop import train_flops
-
-    d = _dims(json.dumps(cfg["model"], sort_keys=True), cfg["data"]["vocab_size"])
-    return train_flops(_non_embedding_params(d), d.n_layers, d.width, cfg["train"]["seq_len"], tokens_of(cfg))
-
-
-@cache
-def _dims(model_json: str, vocab_size: int) -> Any:
-    """The model shape of a config's model section (once per distinct section: a sweep has few)."""
-    from hptransfer.train.model import dims_of
-
-    model = SimpleNamespace(**json.loads(model_json))
-    return dims_of(SimpleNamespace(model=model, data=SimpleNamespace(vocab_size=vocab_size)))
-
-
-@cache
-def _non_embedding_params(dims: Any) -> int:
-    """Parameters outside the embeddings of a model shape (counted on the meta device, once per shape)."""
-    from hptransfer.train.model import param_shapes
-    from hptransfer.train.param import classify
-
-    return sum(math.prod(shape) for name, shape in param_shapes(dims).items() if classify(name, shape) != "E")

@@ -1,26 +1,22 @@
-"""Compose run configs with Hydra and validate them against a typed schema.
+"""The run config's schema: typed dataclasses, the allowed value of every choice, and validation.
 
-`compose_run(overrides)` builds one run's config from the package's `conf/`;
-`compose_file(path, overrides)` composes a user's file (a sweep file) whose
-`defaults` name `config`, with the package configs on the search path. Both
-return a validated `DictConfig`; every problem is an `HptError` naming the key.
+Every run config (composed by `config.compose`, or read back from a frozen config.yaml) is merged
+onto `SCHEMA` (an unknown key or a wrong type fails) and its values and shapes are checked by
+`check_values`; every problem is an `HptError` naming the key. The groups' YAML defaults live in
+`config/groups/`; docs/design.md#configuration lists the keys.
 """
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
-from pathlib import Path
+from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hptransfer.config.derived import heads_and_dim
 from hptransfer.errors import HptError
-
-CONF_DIR = Path(__file__).parent / "conf"
 
 
 @dataclass
@@ -140,6 +136,8 @@ class RunConfig:
 
 # The allowed values of every string-valued choice: one place, so errors can list them.
 CHOICES: dict[str, tuple[str, ...]] = {
+    # The parameterization presets: train/param.py's table has one row for each (checked at its import).
+    "param.name": ("sp", "sp_emb", "sp_perlayer", "ntk", "mfp", "mup_everett", "mup", "completep", "depth_mup"),
     "model.mlp": ("gelu", "swiglu"),
     "model.pos": ("rope", "learned", "none"),
     "model.attn_scale": ("auto", "inv_sqrt", "inv"),
@@ -162,57 +160,11 @@ SCHEMA = OmegaConf.structured(RunConfig)
 RUN_KEYS = [k for k in RunConfig.__dataclass_fields__ if k != "launcher"]  # a run's identity: all but launcher
 
 
-def _hydra_message(err: Exception) -> str:
+def error_message(err: Exception) -> str:
     """Hydra and OmegaConf errors span several lines; keep the lines that name the problem."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type", "Traceback"))]
     return " ".join(keep).split(" Config search path:")[0][:400] or type(err).__name__
-
-
-def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir  # here: status and collect need the schema, not Hydra
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = compose(
-                config_name=config_name,
-                overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
-            )
-    except HptError:
-        raise
-    except Exception as err:  # Hydra raises many types; all mean "this config is wrong"
-        raise HptError(_hydra_message(err)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    return cfg
-
-
-def compose_run(overrides: list[str] | None = None) -> DictConfig:
-    """One run's validated config: the package's base config plus Hydra overrides."""
-    return validate(_compose(CONF_DIR, "config", list(overrides or [])))
-
-
-def compose_file(path: Path, overrides: list[str] | None = None, *, extra: type | None = None) -> DictConfig:
-    """Compose a user's config file (e.g. a sweep file) that extends the base run config.
-
-    Keys beyond the run schema are allowed only under the file's own top-level blocks
-    (e.g. `sweep`); they are returned untouched for the caller to validate.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise HptError(f"no such config file: {path}")
-    if path.suffix not in (".yaml", ".yml"):
-        raise HptError(f"config file must be .yaml: {path}")
-    cfg = _compose(path.parent, path.stem, list(overrides or []))
-    OmegaConf.set_struct(cfg, False)
-    own = {k: cfg.pop(k) for k in list(cfg.keys()) if k not in RunConfig.__dataclass_fields__}
-    run = validate(cfg)
-    OmegaConf.set_struct(run, False)
-    for k, v in own.items():
-        run[k] = v
-    return run
 
 
 def validate(cfg: DictConfig | dict) -> DictConfig:
@@ -222,13 +174,13 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise HptError(_schema_message(err)) from None
-    check(plain)
+    check_values(plain)
     return merged
 
 
 def _schema_message(err: OmegaConfBaseException, prefix: str = "") -> str:
     key = getattr(err, "full_key", None)
-    msg = _hydra_message(err)
+    msg = error_message(err)
     return f"config key '{prefix}{key}': {msg}" if key else msg
 
 
@@ -260,10 +212,8 @@ def _path(key: str) -> tuple[str, ...]:
     return tuple(key.split("."))
 
 
-def check(c: dict[str, Any]) -> None:
+def check_values(c: dict[str, Any]) -> None:
     """Values and shapes of a schema-typed plain config: an HptError naming the first bad key."""
-    from hptransfer.train.param import PRESETS  # the table is the one list of preset names
-
     def bad(key: str, why: str) -> HptError:
         return HptError(f"config key '{key}': {why}")
 
@@ -273,8 +223,6 @@ def check(c: dict[str, Any]) -> None:
             node = node[part]
         return node
 
-    if c["param"]["name"] not in PRESETS:
-        raise bad("param.name", f"unknown preset '{c['param']['name']}' (choose from {', '.join(PRESETS)})")
     for key, allowed in CHOICES.items():
         if (v := get(key)) not in allowed:
             raise bad(key, f"'{v}' is not one of {', '.join(allowed)}")
@@ -303,97 +251,3 @@ def check(c: dict[str, Any]) -> None:
         raise bad("train.seq_len", f"{t['seq_len']} exceeds model.max_seq_len={m.max_seq_len}")
 
 
-def heads_and_dim(m: Any, width: int, where: str = "model") -> tuple[int, int, int]:
-    """(n_heads, head_dim, n_kv_heads) at `width`: heads grow with width at fixed head_dim, or stay fixed."""
-    if (m.head_dim is None) == (m.n_heads is None):
-        raise HptError(f"config key 'model.head_dim': set exactly one of model.head_dim and model.n_heads ({where})")
-    if m.head_dim is not None:
-        if m.head_dim <= 0 or width % m.head_dim:
-            raise HptError(f"config key 'model.head_dim': width {width} is not divisible by head_dim {m.head_dim}")
-        n_heads, head_dim = width // m.head_dim, m.head_dim
-    else:
-        if m.n_heads <= 0 or width % m.n_heads:
-            raise HptError(f"config key 'model.n_heads': width {width} is not divisible by n_heads {m.n_heads}")
-        n_heads, head_dim = m.n_heads, width // m.n_heads
-    n_kv = n_heads if m.n_kv_heads is None else m.n_kv_heads
-    if n_kv <= 0 or n_heads % n_kv:
-        raise HptError(f"config key 'model.n_kv_heads': {n_heads} heads are not divisible by {n_kv} kv heads")
-    if m.pos == "rope" and head_dim % 2:
-        raise HptError(f"config key 'model.head_dim': RoPE needs an even head size, got {head_dim}")
-    return n_heads, head_dim, n_kv
-
-
-def steps_of(cfg: DictConfig) -> int:
-    """Training steps: from train.tokens when set, else train.steps."""
-    t = cfg.train
-    return t.steps if t.tokens is None else steps_for_tokens(t.tokens, t.batch_size, t.seq_len)
-
-
-def steps_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
-    """The steps that train on `tokens` (at least one)."""
-    return max(1, tokens // (batch_size * seq_len))
-
-
-def to_yaml(cfg: DictConfig | dict[str, Any]) -> str:
-    """The config as YAML, resolved: OmegaConf.to_yaml's text (but for strings it would fold over
-    lines: one JSON-quoted line), ~100x faster on plain data (a sweep writes thousands)."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    out: list[str] = []
-    _yaml_lines(plain, "", out)
-    return "".join(out)
-
-
-def _yaml_lines(d: dict[str, Any], indent: str, out: list[str]) -> None:
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.append(f"{indent}{_yaml_scalar(k)}:\n")
-            _yaml_lines(v, indent + "  ", out)
-        elif isinstance(v, dict | list):  # no lists in a run config; the launcher's are short
-            out.append(f"{indent}{_yaml_scalar(k)}: {json.dumps(v)}\n")
-        else:
-            out.append(_yaml_line(indent, k, v))
-
-
-@lru_cache(maxsize=65536, typed=True)  # most lines recur across a sweep's configs
-def _yaml_line(indent: str, k: str, v: Any) -> str:
-    return f"{indent}{_yaml_scalar(k)}: {_yaml_scalar(v)}\n"
-
-
-@lru_cache(maxsize=65536, typed=True)  # typed: 1, 1.0 and True are different scalars
-def _yaml_scalar(v: Any) -> str:
-    """One scalar as OmegaConf writes it (it quotes what its loader would read back as another type)."""
-    text = OmegaConf.to_yaml({"k": v}).removeprefix("k:").strip()
-    return json.dumps(v) if "\n" in text else text  # a folded string: one line, JSON-escaped (valid YAML)
-
-
-def load_yaml(path: Path) -> DictConfig:
-    """Load and validate a frozen run config (a run folder's config.yaml)."""
-    try:
-        raw = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise HptError(f"no such file: {path}") from None
-    except Exception as err:
-        raise HptError(f"cannot read {path}: {_hydra_message(err)}") from None
-    return validate(raw)
-
-
-def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's identity as plain data: the resolved run-schema keys, without launcher settings or sweep blocks."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in RUN_KEYS}
-
-
-def run_id(cfg: DictConfig | dict[str, Any]) -> str:
-    """Stable short hash of the resolved run config (launcher excluded): same point, same id.
-
-    Takes a DictConfig or the plain dict of `run_config`.
-    """
-    return id_of(canonical_json(run_config(cfg) if OmegaConf.is_config(cfg) else cfg))
-
-
-def canonical_json(frozen: dict[str, Any]) -> str:
-    """The frozen config as the one JSON text its id hashes (keys sorted, no spaces)."""
-    return json.dumps(frozen, sort_keys=True, separators=(",", ":"))
-
-
-def id_of(canonical: str) -> str:
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

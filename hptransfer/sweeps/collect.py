@@ -1,4 +1,5 @@
-"""`hpt collect`: one row per run to Parquet, with DESIGN.md's columns and an explicit schema.
+"""`hpt collect`: one row per run to Parquet, with the columns of docs/design.md#resultsparquet and an
+explicit schema.
 
 Finished runs bring their result.json (and their loss curve from metrics.jsonl); runs without a
 result appear with their state (pending, running, cancelled, failed) and null metrics. A corrupt
@@ -9,10 +10,8 @@ sweeps, and a sweep that never set a value still has the column (null).
 
 import dataclasses
 import io
-import json
 import types
 import typing
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from hptransfer.config import RunConfig
-from hptransfer.io import arrow_table, write_atomic
-from hptransfer.status import RunState, run_states
-from hptransfer.store import SweepFolder
+from hptransfer.config.schema import RunConfig
+from hptransfer.files import arrow_table, json_lines, write_atomic
+from hptransfer.sweeps.state import run_states
+from hptransfer.sweeps.store import RunState, SweepFolder
 
 RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("sweep", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -95,18 +94,11 @@ CURVE_LINE = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("val_loss
 
 
 def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
-    """The training loss per step from metrics.jsonl (a torn last line is skipped)."""
+    """The training loss per step from metrics.jsonl (a torn line is skipped)."""
     try:
-        text = (run_dir / "metrics.jsonl").read_text().strip()
+        records = json_lines(run_dir / "metrics.jsonl")
     except OSError:
         return [], []
-    try:  # one parse for the whole file; line by line only when a line is torn
-        records = json.loads("[" + text.replace("\n", ",") + "]")
-    except json.JSONDecodeError:
-        records = []
-        for line in text.splitlines():
-            with suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
     curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
     return [s for s, _ in curve], [v for _, v in curve]
 

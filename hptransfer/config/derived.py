@@ -1,0 +1,103 @@
+"""Facts about a run config, without torch or Hydra: dotted keys, heads, steps, tokens, parameter
+counts, training FLOPs.
+
+The sweep planner (`hpt sweep --dry-run`), training, status and the analysis all use these, so a
+run's planned and reported figures come from one formula each.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hptransfer.errors import HptError
+
+SEED_KEY = "train.seed"  # the key a sweep's seeds set
+FLOPS_FORMULA = "6 * N * tokens + 12 * n_layers * width * seq_len * tokens (N: parameters except embeddings)"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "", *, keep: Callable[[dict], bool] | None = None
+            ) -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}.
+
+    A mapping for which `keep` is true stays one value (a sweep grid's `{log2: [lo, hi]}` range).
+    """
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and not (keep and keep(v)):
+            out.update(flatten(v, f"{prefix}{k}.", keep=keep))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def heads_and_dim(m: Any, width: int, where: str = "model") -> tuple[int, int, int]:
+    """(n_heads, head_dim, n_kv_heads) at `width`: heads grow with width at fixed head_dim, or stay fixed.
+
+    `m` is the model section (attributes width-independent: head_dim, n_heads, n_kv_heads, pos).
+    """
+    if (m.head_dim is None) == (m.n_heads is None):
+        raise HptError(f"config key 'model.head_dim': set exactly one of model.head_dim and model.n_heads ({where})")
+    if m.head_dim is not None:
+        if m.head_dim <= 0 or width % m.head_dim:
+            raise HptError(f"config key 'model.head_dim': width {width} is not divisible by head_dim {m.head_dim}")
+        n_heads, head_dim = width // m.head_dim, m.head_dim
+    else:
+        if m.n_heads <= 0 or width % m.n_heads:
+            raise HptError(f"config key 'model.n_heads': width {width} is not divisible by n_heads {m.n_heads}")
+        n_heads, head_dim = m.n_heads, width // m.n_heads
+    n_kv = n_heads if m.n_kv_heads is None else m.n_kv_heads
+    if n_kv <= 0 or n_heads % n_kv:
+        raise HptError(f"config key 'model.n_kv_heads': {n_heads} heads are not divisible by {n_kv} kv heads")
+    if m.pos == "rope" and head_dim % 2:
+        raise HptError(f"config key 'model.head_dim': RoPE needs an even head size, got {head_dim}")
+    return n_heads, head_dim, n_kv
+
+
+def steps_for_tokens(tokens: int, batch_size: int, seq_len: int) -> int:
+    """The steps that train on `tokens` (at least one)."""
+    return max(1, tokens // (batch_size * seq_len))
+
+
+def steps_of(t: Mapping[str, Any]) -> int:
+    """Training steps of a `train` section (a dict or a DictConfig): from tokens when set, else steps."""
+    return t["steps"] if t["tokens"] is None else steps_for_tokens(t["tokens"], t["batch_size"], t["seq_len"])
+
+
+def tokens_of(t: Mapping[str, Any]) -> int:
+    """Tokens a `train` section trains on: steps x batch x sequence length."""
+    return steps_of(t) * t["batch_size"] * t["seq_len"]
+
+
+def param_counts(model: dict[str, Any], vocab_size: int) -> tuple[int, int]:
+    """(all parameters, parameters outside the embeddings) of the built-in GPT of a model section.
+
+    Per block: two norms (gains), q and o (width x width), k and v (width x kv heads x head size),
+    the MLP (up, gate with SwiGLU, down: width x d_ff each); then the final norm, the readout, and the
+    embeddings (tokens, and positions when learned). A test checks it against the built model.
+    """
+    w = model["width"]
+    _, head_dim, n_kv = heads_and_dim(_Section(model), w)
+    d_ff = round(model["mlp_ratio"] * w)
+    gains = w if model["norm_gains"] else 0
+    block = 2 * gains + 2 * w * w + 2 * w * n_kv * head_dim + (3 if model["mlp"] == "swiglu" else 2) * w * d_ff
+    embeddings = vocab_size * w + (model["max_seq_len"] * w if model["pos"] == "learned" else 0)
+    non_embedding = model["n_layers"] * block + gains + vocab_size * w
+    return non_embedding + embeddings, non_embedding
+
+
+def train_flops(n_params_non_embedding: int, n_layers: int, width: int, seq_len: int, tokens: int) -> int:
+    """Training compute by FLOPS_FORMULA: what a run reports and what a dry run estimates."""
+    return 6 * n_params_non_embedding * tokens + 12 * n_layers * width * seq_len * tokens
+
+
+def run_flops(cfg: dict[str, Any]) -> int:
+    """Training FLOPs of a plain run config by FLOPS_FORMULA (its steps already derived from train.tokens)."""
+    m = cfg["model"]
+    _, non_embedding = param_counts(m, cfg["data"]["vocab_size"])
+    return train_flops(non_embedding, m["n_layers"], m["width"], cfg["train"]["seq_len"], tokens_of(cfg["train"]))
+
+
+class _Section:
+    """A plain dict read through attributes, as `heads_and_dim` reads a config section."""
+
+    def __init__(self, d: dict[str, Any]):
+        self.__dict__.update(d)

@@ -1,0 +1,38 @@
+"""What one job executes: the run folder's runner, then the run indexed in its sweep.
+
+Local runs start `python -m hptransfer.sweeps.job RUN_DIR` (the scheduler owns its log file);
+SLURM array tasks call `execute(run_dir)` through the SLURM backend's `RunJob`. A diverged or
+failed run is a result in result.json, never an exception: nothing retries it.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from hptransfer.sweeps.runners import runner_for
+
+
+def execute(run_dir: Path) -> str:
+    """Run the folder's runner and return the run's status (completed, diverged or failed)."""
+    threads = os.environ.get("SLURM_CPUS_PER_TASK")
+    if threads:  # torch would otherwise start one thread per core of the whole node
+        import torch  # here: only a SLURM task sets its threads, and torch is the runner's import
+
+        torch.set_num_threads(int(threads))
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pt").exists():  # training resumes from it; say so in this attempt's log
+        print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
+    result = runner_for(run_dir)(run_dir)
+    # After the run: the store imports Arrow, which a job needs only now.
+    from hptransfer.sweeps.store import SweepFolder, attempt_count, index_entry, result_key
+
+    # Index the finished run in its sweep, so `hpt status` need not open its folder.
+    entry = index_entry(result_key(run_dir), result, attempt_count(run_dir))  # this job's own result.json
+    SweepFolder(run_dir.parent).index_results([entry] if entry else [])
+    return result["status"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m hptransfer.sweeps.job RUN_DIR")
+    sys.exit(1 if execute(Path(sys.argv[1])) == "failed" else 0)

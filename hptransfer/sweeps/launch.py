@@ -1,0 +1,161 @@
+"""Launch a sweep's runs: claim them under the sweep's lock, hand them to a backend.
+
+Every launch starts from `prepare` (write the sweep folder: frozen configs) and `claiming`: under
+the sweep's lock, find the runs of this grid that have no result and no live job, and claim them
+with a job record before the lock is released, so a second `hpt sweep` on the same sweep never
+launches a run twice. The backends (sweeps/backends) then run them: locally in N slots, in the
+foreground or detached (`python -m hptransfer.sweeps.launch`), or on SLURM as job arrays.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hptransfer.config.derived import run_flops
+from hptransfer.errors import HptError
+from hptransfer.provenance import git_state
+from hptransfer.sweeps.backends import backend
+from hptransfer.sweeps.backends.base import now
+from hptransfer.sweeps.backends.local import LocalScheduler, Progress, local_gpus, queued_records
+from hptransfer.sweeps.plan import Run, SweepSpec
+from hptransfer.sweeps.state import is_launchable, run_states
+from hptransfer.sweeps.store import RunState, SweepFolder, set_aside_result
+
+if TYPE_CHECKING:
+    from hptransfer.sweeps.backends.slurm import SlurmLauncher
+
+
+def launcher_config(launcher: dict[str, Any]) -> Any:
+    """The validated launcher block as its backend's dataclass (unknown keys and wrong types name the key)."""
+    kind = backend(launcher.get("name", "local")).launcher
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), launcher))
+    except OmegaConfBaseException as err:
+        raise HptError(f"config key 'launcher.{getattr(err, 'full_key', '')}': {str(err).splitlines()[0]}") from None
+
+
+def config_header(prov: dict[str, Any]) -> str:
+    """The first line of a frozen config.yaml: when, and from which code."""
+    commit = prov["git_commit"] or "none"
+    dirty = " (dirty working tree)" if prov["git_dirty"] else ""
+    return f"# frozen by hpt sweep at {now()}; hptransfer git commit {commit}{dirty}\n"
+
+
+def prepare(folder: SweepFolder, spec: SweepSpec, runs: list[Run]) -> int:
+    """Write the sweep folder (under its lock); returns how many runs are new to it."""
+    with folder.lock():
+        return folder.save(spec, runs, header=config_header(git_state()))
+
+
+def launchable(folder: SweepFolder, spec: SweepSpec, runs: list[Run], retry_failed: bool) -> list[str]:
+    """What `hpt sweep` would launch now (for --dry-run: reads the folder, writes nothing)."""
+    folder.same_definition(spec)
+    known = {s.run_id: s for s in run_states(folder)} if folder.path.exists() else {}
+    return [r.run_id for r in runs if r.run_id not in known or is_launchable(known[r.run_id], retry_failed)]
+
+
+def largest_first(runs: list[Run]) -> list[str]:
+    """Run ids, most compute first: a sweep on N slots ends sooner when its long runs do not start last."""
+    return [r.run_id for r in sorted(runs, key=lambda r: -run_flops(r.config))]
+
+
+@contextmanager
+def claiming(folder: SweepFolder, run_ids: list[str], retry_failed: bool) -> Iterator[list[RunState]]:
+    """Hold the sweep's lock and yield the runs to launch now, in `run_ids` order.
+
+    The caller launches them and appends their job records before the block ends: a second
+    `hpt sweep` then sees them held by a live job. A failed run's old result moves to logs/
+    (a folder with a result is never trained again).
+    """
+    with folder.lock():
+        states = {s.run_id: s for s in run_states(folder)}
+        todo = [states[r] for r in run_ids if is_launchable(states[r], retry_failed)]
+        for s in todo:
+            if s.state == "failed":
+                set_aside_result(folder.run_dir(s.run_id))
+        yield todo
+
+
+def run_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool,
+              on_event: Callable[[str, RunState | None, Progress], None]) -> Progress:
+    """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order."""
+    with claiming(folder, run_ids, retry_failed) as todo:
+        folder.append_jobs(queued_records(todo, git_state()))
+    return LocalScheduler(folder, todo, jobs, local_gpus(), on_event).schedule()
+
+
+def detach_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool) -> int:
+    """Start the local scheduler as a detached process (its own session) and return its pid."""
+    log = open(folder.path / "scheduler.log", "ab")  # noqa: SIM115 (the child owns it)
+    cmd = [sys.executable, "-m", "hptransfer.sweeps.launch", str(folder.path), "--jobs", str(jobs)]
+    cmd += ["--retry-failed"] if retry_failed else []
+    proc = subprocess.Popen([*cmd, *run_ids], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    return proc.pid
+
+
+def submit_slurm(folder: SweepFolder, run_ids: list[str], launcher: "SlurmLauncher", *,
+                 retry_failed: bool) -> list[dict[str, Any]]:
+    """Submit this grid's launchable runs as SLURM job arrays; returns their job records."""
+    from hptransfer.sweeps.backends.slurm import submit  # here: a local sweep never imports submitit
+
+    with claiming(folder, run_ids, retry_failed) as todo:
+        return submit(folder, todo, launcher, git_state())
+
+
+def cancel(folder: SweepFolder, wait_s: float = 30) -> int:
+    """Cancel the sweep's pending and running runs; returns how many.
+
+    Each backend stops its own jobs; what it cannot leave to a scheduler of its own is recorded
+    cancelled here. Local schedulers record their own runs: wait until they have.
+    """
+    active = [s for s in run_states(folder) if s.active]
+    records = folder.job_records()
+    by_backend: dict[str, list[RunState]] = {}
+    for s in active:
+        by_backend.setdefault(s.executor or "local", []).append(s)
+    here = [s for name, runs in by_backend.items() for s in backend(name).cancel(folder, runs, records)]
+    folder.append_jobs([{"event": "cancelled", "run_id": s.run_id, "executor": s.executor, "job_id": s.job_id,
+                         "reason": "cancelled by hpt cancel", "at": now()} for s in here])
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(s.active and s.executor == "local" for s in run_states(folder)):
+        time.sleep(0.5)
+    return len(active)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m hptransfer.sweeps.launch SWEEP_DIR --jobs N [--retry-failed] RUN_ID...`: the detached scheduler."""
+    parser = argparse.ArgumentParser(prog="python -m hptransfer.sweeps.launch")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--jobs", type=int, required=True)
+    parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("run_ids", nargs="+")
+    args = parser.parse_args(argv)
+
+    def log(event: str, s: RunState | None, p: Progress) -> None:
+        if event == "ended":
+            print(f"{now()} {s.state:9} {s.run_id} {s.reason}", flush=True)
+
+    folder = SweepFolder(args.sweep_dir)
+    print(f"{now()} scheduler {os.getpid()} for {folder.path}", flush=True)
+    try:
+        p = run_local(folder, args.run_ids, jobs=args.jobs, retry_failed=args.retry_failed, on_event=log)
+    except KeyboardInterrupt:
+        print(f"{now()} stopped: running runs recorded cancelled", flush=True)
+        return 130
+    print(f"{now()} done: {p.done}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,225 @@
+"""The docs hold together: the formula-to-code map lands on its code, every relative link resolves,
+and every reference from the code to a docs section names a heading that exists.
+
+A reviewer audits the science by following docs/science.md's map to the lines it names; code
+comments point readers to docs sections by anchor. A refactor that moves a formula, renames a
+file or retitles a section must update the link, or these tests name the stale one.
+"""
+
+import re
+from pathlib import Path
+
+from tests.conftest import REPO
+
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+# Each link of science.md's formula-to-code map, in map order, and what the lines it points at hold.
+EXPECTED = [
+    ("hptransfer/train/param.py", "PRESETS"),
+    ("hptransfer/train/param.py", "def shifted"),
+    ("hptransfer/train/param.py", "_MUP_EVERETT.E.shifted(0.5)"),
+    ("hptransfer/train/param.py", "m = shape[1] / base[1]"),
+    ("hptransfer/train/param.py", 'p.alignment == "none"'),
+    ("hptransfer/train/param.py", 'cfg.init.scheme == "constant"'),
+    ("hptransfer/train/param.py", "p.zero_readout"),
+    ("hptransfer/train/param.py", "lr = o.lr * p.lr_mult[cls] * m ** (-c)"),
+    ("hptransfer/train/param.py", "eps = o.eps * m ** (-abc.g)"),
+    ("hptransfer/train/param.py", "lr *= m_depth ** (alpha - 1)"),
+    ("hptransfer/train/param.py", "m ** (-abc.a)"),
+    ("hptransfer/train/model.py", "y * self.mult"),
+    ("hptransfer/train/model.py", "self.tok_emb(idx) * self.emb_mult"),
+    ("hptransfer/train/param.py", "** -depth_alpha(cfg)"),
+    ("hptransfer/train/model.py", "self.res_mult * self.attn"),
+    ("hptransfer/train/model.py", "math.sqrt(base.head_dim) / d.head_dim"),
+    ("hptransfer/train/param.py", 'o.wd_mode == "scaled"'),
+    ("hptransfer/train/optim.py", 'wd_mode == "independent"'),
+    ("hptransfer/train/optim.py", 'g["base_lr"] * factor'),
+    ("hptransfer/train/optim.py", "torch.atan2(m_hat"),
+    ("hptransfer/train/rules.py", "o.lr *= r**d.lr_exponent"),
+    ("hptransfer/config/derived.py", "12 * n_layers * width * seq_len * tokens"),
+]
+MAP_SECTION = "## The formula-to-code map"
+CODE_LINK = re.compile(r"\]\(\.\./(hptransfer/[\w/]+\.py)#L(\d+)(?:-L(\d+))?\)")
+LINK = re.compile(r"\]\(([^()\s]+)\)")  # the target of [text](target) and ![alt](target)
+LINE_ANCHOR = re.compile(r"L(\d+)(?:-L(\d+))?")
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
+HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
+# A reference from code to a docs page and, usually, one of its sections: docs/design.md#job-states
+CODE_REF = re.compile(r"\bdocs/([\w-]+\.md)(?:#([\w-]+))?")
+CODE_FILES = ["hptransfer/**/*.py", "hptransfer/**/*.yaml", "bench/*.py", "tests/*.py", "conf/*.yaml", "Makefile"]
+
+SCIENCE_SECTIONS = ["Notation", "The abc table", "Depth", "Weight decay", "Optimizers",
+                    "Batch size and duration rules", "The coordinate check", "From a sweep to an answer",
+                    "The formula-to-code map", "Choices and disagreements", "Sources"]
+ANSWER_SUBSECTIONS = ["Optimum at one scale", "Transfer laws", "Transfer metrics"]
+DESIGN_SECTIONS = ["The pipeline", "Layers and imports", "Configuration", "The sweep folder", "result.json",
+                   "results.parquet", "summary.json", "Backends", "Runners", "Job states"]
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def prose(text: str) -> str:
+    """Markdown without its fenced code blocks (a `# comment` in a bash block is no heading)."""
+    return FENCE.sub("", text)
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lowercase, punctuation dropped but - and _, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(text: str, level: int | None = None) -> list[str]:
+    return [h for hashes, h in HEADING.findall(prose(text)) if level is None or len(hashes) == level]
+
+
+def slugs(text: str) -> set[str]:
+    """Every heading's anchor; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out = set()
+    for h in headings(text):
+        slug = github_slug(h)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def link_problems(page: Path) -> list[str]:
+    """Relative links of a markdown page that do not resolve: missing file, line range past the
+    file's end, or a #section that is not a heading of the target page."""
+    problems = []
+    for target in LINK.findall(prose(page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not ours to check
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        where = f"{page.relative_to(REPO) if page.is_relative_to(REPO) else page}: ({target})"
+        if not dest.exists():
+            problems.append(f"{where}: no such file")
+            continue
+        if not anchor:
+            continue
+        lines = LINE_ANCHOR.fullmatch(anchor)
+        if lines:
+            first, last = int(lines[1]), int(lines[2] or lines[1])
+            n = len(dest.read_text().splitlines()) if dest.is_file() else 0
+            if not 1 <= first <= last <= n:
+                problems.append(f"{where}: lines {first}-{last} outside the file's {n}")
+        elif dest.suffix != ".md" or anchor not in slugs(dest.read_text()):
+            problems.append(f"{where}: no heading with the anchor #{anchor}")
+    return problems
+
+
+def map_problems(science: str, expected: list[tuple[str, str]]) -> list[str]:
+    """The map's code links against `expected`: same files in the same order, and each link's
+    lines holding its snippet."""
+    start = science.index(MAP_SECTION)
+    end = science.find("\n## ", start + 1)
+    links = CODE_LINK.findall(science[start:end if end != -1 else None])
+    if [f for f, *_ in links] != [f for f, _ in expected]:
+        return [f"the map links {[f for f, *_ in links]}, EXPECTED says {[f for f, _ in expected]}: update EXPECTED"]
+    problems = []
+    for (path, first, last), (_, snippet) in zip(links, expected, strict=True):
+        file = REPO / path
+        lines = file.read_text().splitlines() if file.exists() else []
+        a, b = int(first), int(last or first)
+        if not (b <= len(lines) and snippet in "\n".join(lines[a - 1:b])):
+            problems.append(f"{path}#L{a}-L{b} no longer holds {snippet!r}")
+    return problems
+
+
+def code_ref_problems(text: str, where: str) -> list[str]:
+    """References such as docs/science.md#depth in code that name a missing page or section."""
+    problems = []
+    for page, anchor in CODE_REF.findall(text):
+        dest = DOCS / page
+        if not dest.exists():
+            problems.append(f"{where}: docs/{page} does not exist")
+        elif anchor and anchor not in slugs(dest.read_text()):
+            problems.append(f"{where}: docs/{page} has no section #{anchor}")
+    return problems
+
+
+# ---- the docs ----------------------------------------------------------------------------------------
+
+
+def test_every_formula_link_lands_on_its_code():
+    assert map_problems((DOCS / "science.md").read_text(), EXPECTED) == []
+
+
+def test_every_relative_link_resolves():
+    assert len(PAGES) >= 3, PAGES
+    assert [p for page in PAGES for p in link_problems(page)] == []
+
+
+def test_every_docs_reference_in_the_code_names_a_section():
+    files = sorted({f for pattern in CODE_FILES for f in REPO.glob(pattern) if f.is_file()})
+    assert any(f.suffix == ".py" for f in files)
+    problems = [p for f in files for p in code_ref_problems(f.read_text(), str(f.relative_to(REPO)))]
+    assert problems == []
+
+
+def test_science_and_design_keep_the_sections_code_links_to():
+    science = (DOCS / "science.md").read_text()
+    assert headings(science, 2) == SCIENCE_SECTIONS
+    answer = science[science.index("## From a sweep to an answer"):science.index(MAP_SECTION)]
+    assert headings(answer, 3) == ANSWER_SUBSECTIONS
+    assert headings((DOCS / "design.md").read_text(), 2) == DESIGN_SECTIONS
+
+
+def test_the_readme_is_a_first_page_with_the_two_setup_commands():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 20_000
+    setup = readme[readme.index("## Set up a fresh machine"):]
+    block = setup[setup.index("```bash"):setup.index("```", setup.index("```bash") + 3)]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()[1:]]
+    assert commands == ["make install && make demo", "make test"]
+
+
+# ---- the checks themselves catch what they are for -------------------------------------------------
+
+
+def test_slugs_are_githubs():
+    assert github_slug("result.json") == "resultjson"
+    assert github_slug("Batch size and duration rules") == "batch-size-and-duration-rules"
+    assert github_slug("Sweeps: `hpt sweep`, `hpt status`") == "sweeps-hpt-sweep-hpt-status"
+    assert github_slug("The formula-to-code map") == "the-formula-to-code-map"
+    assert slugs("# A\n## A\n```\n# not a heading\n```\n## B_c\n") == {"a", "a-1", "b_c"}
+
+
+def test_broken_links_are_reported(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("a = 1\nb = 2\n")
+    (tmp_path / "docs" / "other.md").write_text("# Other\n## Depth\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text(
+        "# Page\n"
+        "[ok](other.md#depth) [ok](#page) [ok](../src/code.py#L1-L2) [web](https://x.org/a#b) [ok](other.md)\n"
+        "[gone](nothing.md) [section](other.md#no-such-section) [self](#nope)\n"
+        "[past](../src/code.py#L2-L3) [into code](../src/code.py#a) ![img](demo/missing.png)\n"
+        "```\n[in a code block](not-checked.md)\n```\n"
+    )
+    problems = link_problems(page)
+    assert len(problems) == 6, problems
+    for needle in ("(nothing.md): no such file", "#no-such-section", "#nope", "lines 2-3 outside the file's 2",
+                   "(../src/code.py#a): no heading", "demo/missing.png"):
+        assert any(needle in p for p in problems), (needle, problems)
+
+
+def test_stale_map_links_are_reported():
+    science = (DOCS / "science.md").read_text()
+    shifted = CODE_LINK.sub(lambda m: m[0].replace(f"#L{m[2]}", f"#L{int(m[2]) + 400}", 1), science, count=1)
+    assert shifted != science
+    assert any("no longer holds 'PRESETS'" in p for p in map_problems(shifted, EXPECTED))
+    assert map_problems(science, EXPECTED[1:]) and "update EXPECTED" in map_problems(science, EXPECTED[1:])[0]
+
+
+def test_stale_code_references_are_reported():
+    page, good = "science" + ".md", "depth"  # built, not written out: the scan above would read it
+    assert code_ref_problems(f"see docs/{page}#{good}", "x") == []
+    assert code_ref_problems(f"see docs/{page}#not-a-section", "x") == [f"x: docs/{page} has no section #not-a-section"]
+    missing = "nowhere" + ".md"
+    assert code_ref_problems(f"see docs/{missing}#depth", "x") == [f"x: docs/{missing} does not exist"]
