@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from hptransfer.config.compose import compose_run
+from hptransfer.config.derived import param_counts
 from hptransfer.train.model import GPT, build, dims_of, param_specs
 from hptransfer.train.param import PRESETS
 from tests.conftest import TINY, cli
@@ -184,3 +186,16 @@ def test_mup_and_mup_everett_train_identically_with_adam_atan2(tmp_path):
     assert losses["mup"][-1] < losses["mup"][0] - 0.3  # it trained: the comparison is not vacuous
     for a, b in zip(losses["mup"], losses["mup_everett"], strict=True):
         assert abs(a - b) < 1e-6
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.mlp=swiglu", "model.mlp_ratio=2.5"], ["model.pos=learned"],
+                                       ["model.norm_gains=false", "model.n_kv_heads=1", "model.n_layers=3"],
+                                       ["model.n_heads=4", "model.head_dim=null"]])
+def test_parameter_counts_without_torch_match_the_built_model(overrides):
+    """The dry run's FLOPs use config.derived's arithmetic count: it must be the model's own count."""
+    cfg = compose_run(["model.width=64", *overrides])
+    model, specs = build(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = sum(p.numel() for n, p in model.named_parameters() if specs[n].cls == "E")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert param_counts(plain["model"], plain["data"]["vocab_size"]) == (total, total - embeddings)

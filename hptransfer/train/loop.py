@@ -200,6 +200,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimi
 def _progress(enabled: bool):  # noqa: ANN202
     if not enabled:
         return None
+    # here: only an interactive `hpt train` draws a bar
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(

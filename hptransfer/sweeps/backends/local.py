@@ -61,7 +61,7 @@ def local_gpus() -> list[str]:
     if visible is not None:
         return [g for g in visible.split(",") if g.strip()]
     try:
-        import torch
+        import torch  # here: only to count GPUs, when CUDA_VISIBLE_DEVICES does not say
 
         return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:

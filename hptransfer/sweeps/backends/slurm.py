@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.slurm.slurm import _make_sbatch_string  # private: sbatch_script alone uses it
 
 from hptransfer.errors import HptError
 from hptransfer.sweeps import job
@@ -169,8 +170,6 @@ def sbatch_script(launcher: SlurmLauncher, name: str, folder: Path, n_runs: int)
     submitit has no public function for the script text: its private `_make_sbatch_string` is used
     here only (pinned submitit range; tests/golden/sbatch_width.sh holds the expected text).
     """
-    from submitit.slurm.slurm import _make_sbatch_string
-
     command = " ".join([sys.executable, "-u -m submitit.core._submit", str(folder)])
     return _make_sbatch_string(command=command, folder=folder, map_count=min(n_runs, array_size(launcher)),
                                **sbatch_parameters(launcher, name))
