@@ -36,6 +36,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -93,7 +93,6 @@ def sweep(
     """
     from hptransfer import views  # per command
     from hptransfer.sweeps import launch, plan  # per command
-    from hptransfer.sweeps.backends import slurm  # per command
     from hptransfer.sweeps.backends.local import default_jobs, local_gpus  # per command
     from hptransfer.sweeps.store import SweepFolder, root_dir  # per command
 
@@ -106,13 +105,15 @@ def sweep(
         to_launch = launch.launchable(folder, spec, runs, retry_failed)
         out = wide(console)
         out.print(views.plan(spec, runs, len(to_launch), launcher.name))
-        if isinstance(launcher, slurm.SlurmLauncher):
+        if launcher.name == "slurm":
+            from hptransfer.sweeps.backends import slurm  # per command, and a local sweep never imports submitit
+
             size = slurm.array_size(launcher)
             script = slurm.sbatch_script(launcher, folder.name, slurm.submitit_folder(folder), max(len(to_launch), 1))
             out.print(views.slurm_plan(launcher, size, script, len(to_launch), runs), soft_wrap=True)  # no wrap
         return
     launch.prepare(folder, spec, runs)
-    if isinstance(launcher, slurm.SlurmLauncher):
+    if launcher.name == "slurm":
         records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
         arrays = sorted({r["job_id"].split("_")[0] for r in records})
         console.print(f"sweep '{spec.name}': {len(records)} of {len(runs)} runs submitted to SLURM"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hptransfer.train.coord import attention_logits, check_config, coord_check
+from hptransfer.train.coord import attention_logits, coord_check, coord_config
 from hptransfer.train.model import build
 from tests.conftest import assert_one_line_error, cli
 
@@ -77,7 +77,7 @@ def test_zero_readout_logits_have_no_slope_at_step_1_and_are_held_two_sided_afte
 
 def test_attention_logits_are_what_the_softmax_sees():
     """Rebuild the attention output from the measured logits (RoPE, scale, grouped kv heads included)."""
-    cfg = check_config(["param=mup", *SMALL, "model.width=64", "model.n_kv_heads=2"])
+    cfg = coord_config(["param=mup", *SMALL, "model.width=64", "model.n_kv_heads=2"])
     torch.manual_seed(0)
     model, _ = build(cfg)
     attn, seen = model.blocks[1].attn, {}

@@ -6,6 +6,8 @@ analysis -> views -> cli) and no module reaches upstream. Imports under TYPE_CHE
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,12 @@ def test_every_module_has_a_layer():
         layer(mod)
     with pytest.raises(AssertionError, match="in no layer"):
         layer("elsewhere.module")
+
+
+def test_status_starts_without_torch_hydra_or_pandas():
+    """`hpt status` is called in loops and by --watch: what it imports is measured by bench/startup.py,
+    and this holds the line (a module-level import of the trainer or of Hydra would break it)."""
+    probe = ("import sys; import hptransfer.cli, hptransfer.views, hptransfer.sweeps.state, hptransfer.sweeps.store; "
+             "print(' '.join(m for m in ('torch', 'hydra', 'pandas', 'omegaconf', 'submitit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == []

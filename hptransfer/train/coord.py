@@ -111,7 +111,7 @@ def parse_widths(text: str) -> list[int]:
         raise HptError(f"--widths: '{text}' is not a comma-separated list of integers") from None
 
 
-def check_config(overrides: Sequence[str]) -> DictConfig:
+def coord_config(overrides: Sequence[str]) -> DictConfig:
     """The check's run config: CHECK_DEFAULTS first, so that any user override wins."""
     # Hydra applies value overrides after group choices and the last one wins, so a default
     # placed first survives `optim=adam_atan2` and yields to an explicit `optim.lr=...`.
@@ -237,7 +237,7 @@ def coord_check(overrides: Sequence[str] = (), widths: Sequence[int] | None = No
         raise HptError(f"--seeds: need at least 1, got {seeds}")
     if not tol > 0:
         raise HptError(f"--tol: must be positive, got {tol}")
-    cfg = check_config(overrides)
+    cfg = coord_config(overrides)
     widths = default_widths(cfg) if widths is None else sorted(set(widths))
     if len(widths) < 2 or widths[0] <= 0:
         raise HptError(f"--widths: need at least two distinct positive widths, got {','.join(map(str, widths))}")
