@@ -21,8 +21,9 @@ from hptransfer.analysis.load import AXES, BOOKKEEPING
 from hptransfer.analysis.summary import fmt_lr, fmt_scale, jsonable
 from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import flatten
+from hptransfer.config.schema import CHOICES
 from hptransfer.errors import HptError
-from hptransfer.train.param import PRESETS, class_lr
+from hptransfer.train.param import class_lr, depth_exponent
 
 # `--at` key -> scaling axis
 AT_KEYS = {
@@ -106,20 +107,19 @@ def per_class_lrs(
 ) -> tuple[dict[str, float] | None, list[str]]:
     """Each class's learning rate at `width`, by the table's rule `class_lr` (eta * gamma_X * m^(-c_X);
     a depth-scaled preset off its base depth also scales H and the gains in blocks by mL^(alpha - 1))."""
-    preset, base = PRESETS.get(param), fixed.get("param.base_width")
-    if preset is None:
-        return None, [f"no per-class learning rates: {param} is not a preset of hptransfer.train.param"]
+    base = fixed.get("param.base_width")
+    if param not in CHOICES["param.name"]:
+        return None, [f"no per-class learning rates: {param} is not one of hptransfer's presets"]
     if base is None:
         return None, ["no per-class learning rates: the table has no param.base_width"]
     m = width / float(base)
-    alpha = fixed.get("param.depth_alpha")
-    alpha = preset.depth_alpha if alpha is None else float(alpha)
+    alpha = depth_exponent(param, fixed.get("param.depth_alpha"))
     layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")
     m_depth = layers / base_depth if layers and base_depth else 1.0
 
     def rate(cls: str, in_blocks: bool = False) -> float:
         gamma = fixed.get(f"param.lr_mult.{cls}")
-        return class_lr(preset, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
+        return class_lr(param, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
                         alignment=fixed.get("param.alignment") or "full", alpha=alpha, m_depth=m_depth,
                         in_blocks=in_blocks)
 

@@ -100,9 +100,13 @@ def _base_name(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "blocks.0.", name)
 
 
+def depth_exponent(preset: str, override: float | None = None) -> float:
+    """The depth exponent alpha: `param.depth_alpha` when set, else the preset's own."""
+    return PRESETS[preset].depth_alpha if override is None else float(override)
+
+
 def depth_alpha(cfg: DictConfig) -> float:
-    p = cfg.param
-    return PRESETS[p.name].depth_alpha if p.depth_alpha is None else float(p.depth_alpha)
+    return depth_exponent(cfg.param.name, cfg.param.depth_alpha)
 
 
 def residual_mult(cfg: DictConfig) -> float:
@@ -115,15 +119,15 @@ def lr_exponent(abc: ABC, alignment: str) -> float:
     return abc.c_none if (alignment == "none" and abc.c_none is not None) else abc.c
 
 
-def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
+def class_lr(preset: str, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
              m_depth: float, in_blocks: bool) -> float:
-    """The learning rate of a tensor of class `cls`: eta * gamma_X * m^(-c_X), and for depth scaling
-    (alpha > 0) H, and the gains in blocks, x mL^(alpha - 1).
+    """The learning rate of a tensor of class `cls` under the preset of that name: eta * gamma_X * m^(-c_X),
+    and for depth scaling (alpha > 0) H, and the gains in blocks, x mL^(alpha - 1).
 
     alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule (which would
     give hidden LRs 1/mL): SP stays SP when deeper.
     """
-    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(preset, cls), alignment))
+    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(PRESETS[preset], cls), alignment))
     if alpha > 0 and (cls == "H" or (cls == "V" and in_blocks)):
         out *= m_depth ** (alpha - 1)
     return out
@@ -154,7 +158,7 @@ def tensor_specs(
             # and the width of E, the dimension whose growth each rule is stated against.
             m = shape[1] / base[1]
         b = 0.0 if cfg.init.scheme == "constant" else abc.b
-        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
+        lr = class_lr(p.name, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
                       m_depth=m_depth, in_blocks=name.startswith("blocks."))
         eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
         if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
