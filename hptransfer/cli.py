@@ -373,27 +373,41 @@ def params(
 ) -> None:
     """Show what the parameterization does to every parameter tensor.
 
-    One row per tensor: shape, class (E embedding, H hidden, R readout, V vector-like),
-    width multiplier m, init std, forward multiplier, learning rate, weight decay, Adam epsilon.
-    Example: hpt params param=mup model.width=512 param.base_width=128
-    """
+    First the width exponents per class (a: forward multiplier m^-a, b: init std m^-b, c: learning
+    rate m^-c, g: Adam epsilon m^-g), overridden ones marked *; then one row per tensor: shape,
+    class (E embedding, H hidden, R readout, V vector-like), width multiplier m, init std, forward
+    multiplier, learning rate, weight decay, Adam epsilon. Any exponent can be overridden to define
+    a parameterization of one's own (param.exponents.<E|H|R>.<a|b|c|g>); check it with coord-check.
 
+    Examples:
+      hpt params param=mup model.width=512 param.base_width=128
+      hpt params param=mup model.width=512 param.exponents.R.c=1
+    """
     from hptransfer.config.compose import compose_run  # per command
     from hptransfer.train.model import param_specs  # per command
+    from hptransfer.train.param import preset_of  # per command
 
-    specs = param_specs(compose_run(overrides))
+    cfg = compose_run(overrides)
+    specs = param_specs(cfg)
     if as_json:
         print(json.dumps([dataclasses.asdict(s) for s in specs.values()], indent=1))
         return
 
+    out = wide(console)  # piped output gets a wide console: tensor names must not be cut
+    preset, given = preset_of(cfg), cfg.param.exponents
+    out.print(f"{cfg.param.name}: width exponents per class (* overridden by param.exponents)", highlight=False)
+    exponents = Table("class", "a", "b", "c", "g", box=None, header_style="bold")
+    for cls in ("E", "H", "R"):
+        abc = getattr(preset, cls)
+        exponents.add_row(cls, *(f"{getattr(abc, e):g}" + ("*" if given[cls][e] is not None else "") for e in "abcg"))
+    out.print(exponents)
     table = Table("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps",
                   box=None, header_style="bold")
     for s in specs.values():
         std = "ones" if s.init_std is None else f"{s.init_std:.4g}"
         table.add_row(s.name, "x".join(map(str, s.shape)), s.cls, f"{s.width_mult:g}", std, f"{s.fwd_mult:.4g}",
                       f"{s.lr:.4g}", f"{s.weight_decay:.4g}", f"{s.eps:.3g}")
-    # Piped output gets a wide console: tensor names must not be cut.
-    (console if console.is_terminal else Console(width=200)).print(table)
+    out.print(table)
 
 
 @app.command("coord-check", rich_help_panel="One run")

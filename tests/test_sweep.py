@@ -1,5 +1,6 @@
 """Grid expansion: counts, log2 ranges, Hydra overrides, derived fields, stable run ids; the shipped sweep files."""
 
+import json
 import math
 import os
 import re
@@ -199,3 +200,19 @@ def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path):
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()
+
+
+def test_run_ids_of_the_shipped_sweep_files_never_change():
+    """Upgrading hpt must not rename finished runs (a renamed run is trained again): a key added to the
+    run config is registered in schema.LATER_KEYS and, at its default, leaves every id as it was."""
+    golden = json.loads((REPO / "tests" / "golden" / "run_ids.json").read_text())
+    for name, ids in golden.items():
+        assert sorted(r.run_id for r in plan.expand(plan.load(REPO / name))) == ids, name
+
+
+def test_a_later_key_set_away_from_its_default_makes_a_new_run(tiny):
+    base = plan.expand(plan.load(tiny, ["optim.lr=0.01", "sweep.seeds=[0]", "model.width=16", "param=mup"]))
+    moved = plan.expand(plan.load(tiny, ["optim.lr=0.01", "sweep.seeds=[0]", "model.width=16", "param=mup",
+                                         "param.exponents.R.c=1"]))
+    assert {r.run_id for r in base}.isdisjoint(r.run_id for r in moved)
+    assert moved[0].config["param"]["exponents"]["R"]["c"] == 1.0  # the frozen config says it all

@@ -23,7 +23,7 @@ from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import flatten
 from hptransfer.config.schema import CHOICES
 from hptransfer.errors import HptError
-from hptransfer.train.param import class_lr, depth_exponent
+from hptransfer.train.param import class_lr, depth_exponent, resolve_preset
 
 # `--at` key -> scaling axis
 AT_KEYS = {
@@ -113,13 +113,14 @@ def per_class_lrs(
     if base is None:
         return None, ["no per-class learning rates: the table has no param.base_width"]
     m = width / float(base)
+    preset = resolve_preset(param, {c: {e: fixed.get(f"param.exponents.{c}.{e}") for e in "abcg"} for c in "EHR"})
     alpha = depth_exponent(param, fixed.get("param.depth_alpha"))
     layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")
     m_depth = layers / base_depth if layers and base_depth else 1.0
 
     def rate(cls: str, in_blocks: bool = False) -> float:
         gamma = fixed.get(f"param.lr_mult.{cls}")
-        return class_lr(param, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
+        return class_lr(preset, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
                         alignment=fixed.get("param.alignment") or "full", alpha=alpha, m_depth=m_depth,
                         in_blocks=in_blocks)
 

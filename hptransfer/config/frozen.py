@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config.schema import RUN_KEYS, error_message, validate
+from hptransfer.config.schema import LATER_KEYS, RUN_KEYS, error_message, validate
 from hptransfer.errors import HptError
 
 
@@ -69,12 +69,40 @@ def run_id(cfg: DictConfig | dict[str, Any]) -> str:
 
     Takes a DictConfig or the plain dict of `run_config`.
     """
-    return id_of(canonical_json(run_config(cfg) if OmegaConf.is_config(cfg) else cfg))
+    return id_of(identity_json(run_config(cfg) if OmegaConf.is_config(cfg) else cfg))
 
 
 def canonical_json(frozen: dict[str, Any]) -> str:
-    """The frozen config as the one JSON text its id hashes (keys sorted, no spaces)."""
+    """The frozen config as one JSON text (keys sorted, no spaces): what the manifest stores."""
     return json.dumps(frozen, sort_keys=True, separators=(",", ":"))
+
+
+def identity_json(frozen: dict[str, Any]) -> str:
+    """The JSON text a run's id hashes: the canonical JSON without the later keys left at their defaults
+    (schema.LATER_KEYS), so a run frozen before a key existed keeps its id."""
+    return canonical_json(without_later_defaults(frozen))
+
+
+def without_later_defaults(frozen: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a plain config without the LATER_KEYS at their defaults (and the sections that leaves empty)."""
+    out = dict(frozen)
+    for key, default in LATER_KEYS.items():
+        *path, leaf = key.split(".")
+        nodes = [out]
+        for part in path:
+            child = nodes[-1].get(part)
+            if not isinstance(child, dict):
+                break
+            nodes[-1][part] = dict(child)  # copy on the way down: `frozen` is never changed
+            nodes.append(nodes[-1][part])
+        else:
+            if nodes[-1].get(leaf, default) == default:
+                nodes[-1].pop(leaf, None)
+                for parent, part in zip(reversed(nodes[:-1]), reversed(path), strict=True):  # prune emptied sections
+                    if parent[part]:
+                        break
+                    del parent[part]
+    return out
 
 
 def id_of(canonical: str) -> str:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hptransfer.config.compose import compose_file
 from hptransfer.config.derived import SEED_KEY, flatten, heads_and_dim, steps_for_tokens, tokens_of
-from hptransfer.config.frozen import canonical_json, id_of, run_config
+from hptransfer.config.frozen import canonical_json, id_of, identity_json, run_config
 from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, typed_value, validate
 from hptransfer.errors import HptError
 from hptransfer.train.rules import apply_rules
@@ -212,7 +212,7 @@ def expand(spec: SweepSpec) -> list[Run]:
             check_values(cfg)
         cfg = fill_steps(cfg)
         canon = canonical_json(cfg)
-        rid = id_of(canon)
+        rid = id_of(identity_json(cfg))
         if rid in runs:
             raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
         runs[rid] = Run(rid, point, cfg, canon)

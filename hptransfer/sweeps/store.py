@@ -201,9 +201,12 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
     """What must not change under a sweep's name: everything but the swept values, name, file and launcher.
 
     The swept keys themselves stay (adding a dimension changes every point), their values go; a swept
-    config group keeps its subtree (the file's settings under it still matter).
+    config group keeps its subtree (the file's settings under it still matter). Keys added to the run
+    config since the sweep was defined count only when set away from their defaults.
     """
-    d = json.loads(json.dumps(definition))
+    from hptransfer.config.frozen import without_later_defaults  # here: `hpt status` needs no OmegaConf
+
+    d = without_later_defaults(json.loads(json.dumps(definition)))
     s = d.pop("sweep")
     d.pop("launcher", None)
     swept = [s["axis"]["key"], *s["grid"], SEED_KEY]

@@ -10,9 +10,10 @@ per-class learning-rate rule: training and `hpt predict` both ask it.
 """
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hptransfer.config.schema import CHOICES
 
@@ -100,6 +101,24 @@ def _base_name(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "blocks.0.", name)
 
 
+def resolve_preset(name: str, exponents: Mapping[str, Mapping[str, float | None]] | None = None) -> Preset:
+    """The preset's row with `param.exponents` applied: a set exponent replaces the preset's (a set c
+    serves both alignments), so a user can define a parameterization and check it (`hpt coord-check`)."""
+    preset = PRESETS[name]
+    changes = {}
+    for cls in ("E", "H", "R"):
+        given = {k: float(v) for k, v in ((exponents or {}).get(cls) or {}).items() if v is not None}
+        if given:
+            changes[cls] = replace(getattr(preset, cls), **given, **({"c_none": None} if "c" in given else {}))
+    return replace(preset, **changes) if changes else preset
+
+
+def preset_of(cfg: DictConfig) -> Preset:
+    """The table row `cfg` trains with: its preset and any exponent overrides."""
+    exponents = cfg.param.get("exponents")
+    return resolve_preset(cfg.param.name, OmegaConf.to_container(exponents) if exponents is not None else None)
+
+
 def depth_exponent(preset: str, override: float | None = None) -> float:
     """The depth exponent alpha: `param.depth_alpha` when set, else the preset's own."""
     return PRESETS[preset].depth_alpha if override is None else float(override)
@@ -119,15 +138,15 @@ def lr_exponent(abc: ABC, alignment: str) -> float:
     return abc.c_none if (alignment == "none" and abc.c_none is not None) else abc.c
 
 
-def class_lr(preset: str, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
+def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
              m_depth: float, in_blocks: bool) -> float:
-    """The learning rate of a tensor of class `cls` under the preset of that name: eta * gamma_X * m^(-c_X),
+    """The learning rate of a tensor of class `cls` under `preset`: eta * gamma_X * m^(-c_X),
     and for depth scaling (alpha > 0) H, and the gains in blocks, x mL^(alpha - 1).
 
     alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule (which would
     give hidden LRs 1/mL): SP stays SP when deeper.
     """
-    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(PRESETS[preset], cls), alignment))
+    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(preset, cls), alignment))
     if alpha > 0 and (cls == "H" or (cls == "V" and in_blocks)):
         out *= m_depth ** (alpha - 1)
     return out
@@ -143,7 +162,7 @@ def tensor_specs(
 ) -> dict[str, TensorSpec]:
     """One TensorSpec per parameter, from the config and the model's shapes at target and base size."""
     p, o = cfg.param, cfg.optim
-    preset = PRESETS[p.name]
+    preset = preset_of(cfg)
     alpha = depth_alpha(cfg)
     m_depth = cfg.model.n_layers / p.base_depth
     specs = {}
@@ -158,7 +177,7 @@ def tensor_specs(
             # and the width of E, the dimension whose growth each rule is stated against.
             m = shape[1] / base[1]
         b = 0.0 if cfg.init.scheme == "constant" else abc.b
-        lr = class_lr(p.name, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
+        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
                       m_depth=m_depth, in_blocks=name.startswith("blocks."))
         eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
         if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
