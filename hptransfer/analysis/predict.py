@@ -23,7 +23,7 @@ from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import flatten
 from hptransfer.config.schema import CHOICES
 from hptransfer.errors import HptError
-from hptransfer.train.param import class_lr, depth_exponent, resolve_preset
+from hptransfer.train.param import class_lr, depth_exponent, depth_lr_exponent, resolve_preset
 
 # `--at` key -> scaling axis
 AT_KEYS = {
@@ -115,20 +115,21 @@ def per_class_lrs(
     m = width / float(base)
     preset = resolve_preset(param, {c: {e: fixed.get(f"param.exponents.{c}.{e}") for e in "abcg"} for c in "EHR"})
     alpha = depth_exponent(param, fixed.get("param.depth_alpha"))
+    depth_lr = depth_lr_exponent(alpha, fixed.get("param.exponents.depth.lr"))
     layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")
     m_depth = layers / base_depth if layers and base_depth else 1.0
 
     def rate(cls: str, in_blocks: bool = False) -> float:
         gamma = fixed.get(f"param.lr_mult.{cls}")
         return class_lr(preset, cls, lr=lr, gamma=1.0 if gamma is None else float(gamma), m=m,
-                        alignment=fixed.get("param.alignment") or "full", alpha=alpha, m_depth=m_depth,
+                        alignment=fixed.get("param.alignment") or "full", depth_lr=depth_lr, m_depth=m_depth,
                         in_blocks=in_blocks)
 
     out = {cls: rate(cls) for cls in ("E", "H", "R", "V")}
     notes = [f"per class: eta * gamma_X * m^(-c_X) with m = {fmt_scale(width)} / {fmt_scale(float(base))} = {m:g}"]
-    if alpha > 0 and m_depth != 1:
+    if depth_lr != 0 and m_depth != 1:
         out["V in blocks"] = rate("V", in_blocks=True)
-        notes.append(f"depth: H and the gains in blocks x mL^(alpha-1) = {m_depth ** (alpha - 1):g}")
+        notes.append(f"depth: H and the gains in blocks x mL^-{depth_lr:g} = {m_depth ** -depth_lr:g}")
     return out, notes
 
 

@@ -45,12 +45,22 @@ class ClassExponents:
 
 
 @dataclass
+class DepthExponents:
+    """Depth exponents, each overriding what param.depth_alpha implies when set (null: implied)."""
+
+    residual: float | None = None  # residual branches x mL^-residual (implied: alpha)
+    lr: float | None = None  # H and in-block V learning rates x mL^-lr (implied: 1 - alpha, 0 when alpha = 0)
+
+
+@dataclass
 class Exponents:
-    """`param.exponents.<E|H|R>.<a|b|c|g>`: define and check a parameterization of one's own."""
+    """`param.exponents.<E|H|R>.<a|b|c|g>` and `param.exponents.depth.<residual|lr>`: define and check a
+    parameterization of one's own."""
 
     E: ClassExponents = field(default_factory=ClassExponents)
     H: ClassExponents = field(default_factory=ClassExponents)
     R: ClassExponents = field(default_factory=ClassExponents)
+    depth: DepthExponents = field(default_factory=DepthExponents)
 
 
 @dataclass
@@ -182,6 +192,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # (tests/golden/run_ids.json holds the ids of the shipped sweep files).
 LATER_KEYS: dict[str, Any] = {
     **{f"param.exponents.{cls}.{e}": None for cls in ("E", "H", "R") for e in ("a", "b", "c", "g")},
+    "param.exponents.depth.residual": None,
+    "param.exponents.depth.lr": None,
 }
 
 SCHEMA = OmegaConf.structured(RunConfig)

@@ -128,9 +128,29 @@ def depth_alpha(cfg: DictConfig) -> float:
     return depth_exponent(cfg.param.name, cfg.param.depth_alpha)
 
 
+def depth_lr_exponent(alpha: float, override: float | None = None) -> float:
+    """The hidden LRs' depth exponent: H and the gains in blocks train at lr x mL^-(this).
+
+    1 - alpha with depth scaling (alpha > 0); 0 when alpha = 0, which means no depth scaling at all,
+    not the alpha -> 0 limit of the rule (that would give hidden LRs 1/mL: SP stays SP when deeper).
+    `param.exponents.depth.lr` overrides it.
+    """
+    if override is not None:
+        return float(override)
+    return 1.0 - alpha if alpha > 0 else 0.0
+
+
+def _depth_override(cfg: DictConfig, key: str) -> float | None:
+    depth = (cfg.param.get("exponents") or {}).get("depth") or {}
+    return depth.get(key)
+
+
 def residual_mult(cfg: DictConfig) -> float:
-    """Every residual branch is added as x + mL^-alpha * branch(norm(x))."""
-    return (cfg.model.n_layers / cfg.param.base_depth) ** -depth_alpha(cfg)
+    """Every residual branch is added as x + mL^-alpha * branch(norm(x)) (param.exponents.depth.residual
+    overrides the exponent)."""
+    override = _depth_override(cfg, "residual")
+    exponent = depth_alpha(cfg) if override is None else float(override)
+    return (cfg.model.n_layers / cfg.param.base_depth) ** -exponent
 
 
 def lr_exponent(abc: ABC, alignment: str) -> float:
@@ -138,17 +158,13 @@ def lr_exponent(abc: ABC, alignment: str) -> float:
     return abc.c_none if (alignment == "none" and abc.c_none is not None) else abc.c
 
 
-def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, alignment: str, alpha: float,
+def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, alignment: str, depth_lr: float,
              m_depth: float, in_blocks: bool) -> float:
-    """The learning rate of a tensor of class `cls` under `preset`: eta * gamma_X * m^(-c_X),
-    and for depth scaling (alpha > 0) H, and the gains in blocks, x mL^(alpha - 1).
-
-    alpha = 0 means no depth scaling at all, not the alpha -> 0 limit of the LR rule (which would
-    give hidden LRs 1/mL): SP stays SP when deeper.
-    """
+    """The learning rate of a tensor of class `cls` under `preset`: eta * gamma_X * m^(-c_X), and for
+    H and the gains in blocks x mL^-depth_lr (`depth_lr_exponent`: mL^(alpha - 1) with depth scaling)."""
     out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(preset, cls), alignment))
-    if alpha > 0 and (cls == "H" or (cls == "V" and in_blocks)):
-        out *= m_depth ** (alpha - 1)
+    if cls == "H" or (cls == "V" and in_blocks):
+        out *= m_depth ** (-depth_lr)
     return out
 
 
@@ -164,6 +180,7 @@ def tensor_specs(
     p, o = cfg.param, cfg.optim
     preset = preset_of(cfg)
     alpha = depth_alpha(cfg)
+    depth_lr = depth_lr_exponent(alpha, _depth_override(cfg, "lr"))
     m_depth = cfg.model.n_layers / p.base_depth
     specs = {}
     for name, shape in shapes.items():
@@ -177,7 +194,7 @@ def tensor_specs(
             # and the width of E, the dimension whose growth each rule is stated against.
             m = shape[1] / base[1]
         b = 0.0 if cfg.init.scheme == "constant" else abc.b
-        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, alpha=alpha,
+        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, depth_lr=depth_lr,
                       m_depth=m_depth, in_blocks=name.startswith("blocks."))
         eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
         if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
