@@ -2,6 +2,9 @@
 
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,9 +12,11 @@ from omegaconf import OmegaConf
 
 from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import param_counts
+from hptransfer.config.schema import MUP_FAMILY
+from hptransfer.errors import HptError
 from hptransfer.train.model import GPT, build, dims_of, param_specs
 from hptransfer.train.param import PRESETS
-from tests.conftest import TINY, cli
+from tests.conftest import TINY, assert_one_line_error, cli
 
 # The abc table (docs/science.md#the-abc-table), transcribed apart from param.py: per class (a, b, c_full, c_none),
 # and g per class. c_none = c_full where the table gives one value.
@@ -68,7 +73,8 @@ def test_exponents_follow_science_md(preset, alignment):
     rows = SCIENCE[preset]
     for name, s in specs.items():
         if s.cls == "V":
-            assert (s.width_mult, s.fwd_mult, s.lr, s.eps, s.init_std) == (1.0, 1.0, eta, eps, None), name
+            assert (s.width_mult, s.fwd_mult, s.lr, s.init_std) == (1.0, 1.0, eta, None), name
+            assert math.isclose(s.eps, eps * m ** -rows["g"][1]), (name, s.eps)  # gains: H's epsilon exponent
             continue
         a, b, c_full, c_none = rows[s.cls]
         c = c_full if alignment == "full" else c_none
@@ -190,7 +196,8 @@ def test_mup_and_mup_everett_train_identically_with_adam_atan2(tmp_path):
 
 @pytest.mark.parametrize("overrides", [[], ["model.mlp=swiglu", "model.mlp_ratio=2.5"], ["model.pos=learned"],
                                        ["model.norm_gains=false", "model.n_kv_heads=1", "model.n_layers=3"],
-                                       ["model.n_heads=4", "model.head_dim=null"]])
+                                       ["model.n_heads=4", "model.head_dim=null"],
+                                       ["model.q_per_kv=2", "model.head_dim=16", "model.width=128"]])
 def test_parameter_counts_without_torch_match_the_built_model(overrides):
     """The dry run's FLOPs use config.derived's arithmetic count: it must be the model's own count."""
     cfg = compose_run(["model.width=64", *overrides])
@@ -199,3 +206,66 @@ def test_parameter_counts_without_torch_match_the_built_model(overrides):
     embeddings = sum(p.numel() for n, p in model.named_parameters() if specs[n].cls == "E")
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert param_counts(plain["model"], plain["data"]["vocab_size"]) == (total, total - embeddings)
+
+
+# --- weight decay x depth, gains' epsilon, GQA at a fixed ratio, constant init ---------------------------
+
+@pytest.mark.parametrize("preset,overrides", [("depth_mup", []), ("completep", []), ("mup", []), ("sp_perlayer", []),
+                                              ("depth_mup", ["param.exponents.depth.lr=0.25"])])
+def test_scaled_decay_holds_lr_times_decay_across_width_and_depth(preset, overrides):
+    """`scaled`: each decayed tensor's lr x decay is the base model's, whatever the width and depth."""
+    common = [f"param={preset}", "optim.wd_mode=scaled", "optim.weight_decay=0.1", "optim.wd_on_embeddings=true",
+              *overrides, *BASE]
+    base = param_specs(compose_run([*common, "model.width=64", "model.n_layers=2"]))
+    big = param_specs(compose_run([*common, "model.width=256", "model.n_layers=8"]))
+    for name, s in big.items():
+        b = base[re.sub(r"^blocks\.\d+\.", "blocks.0.", name)]
+        assert math.isclose(s.lr * s.weight_decay, b.lr * b.weight_decay), name
+    if preset == "depth_mup" and not overrides:  # by hand: m = 4, mL = 4, alpha = 1/2, c_H = 1
+        q = big["blocks.3.attn.q.weight"]
+        assert math.isclose(q.lr, 0.004 / 4 * 4**-0.5) and math.isclose(q.weight_decay, 0.1 * 4 * 4**0.5)
+
+
+@pytest.mark.parametrize("preset,alpha,g_h", [("completep", 1.0, 1.0), ("depth_mup", 0.5, 1.0), ("sp", 0.0, 0.5)])
+def test_gain_epsilon_follows_completeps_reference(preset, alpha, g_h):
+    """per_layer: gains in blocks eps m^-g_H mL^-alpha (as H), the final norm's eps m^-g_H (as nanoGPT-mup)."""
+    eps, m, mL = 1e-8, 4, 4
+    specs = param_specs(compose_run([f"param={preset}", "optim.eps_scaling=per_layer", "model.width=256",
+                                     "model.n_layers=8", *BASE]))
+    hidden = eps * m**-g_h * (mL**-alpha if alpha else 1.0)
+    for name in ("blocks.0.norm1.weight", "blocks.7.norm2.weight", "blocks.2.mlp.up.weight"):
+        assert math.isclose(specs[name].eps, hidden), name
+    assert math.isclose(specs["norm_f.weight"].eps, eps * m**-g_h)
+    plain = param_specs(compose_run([f"param={preset}", "model.width=256", "model.n_layers=8", *BASE]))
+    assert {s.eps for s in plain.values()} == {eps}  # eps_scaling=none: one epsilon
+
+
+def test_q_per_kv_holds_the_ratio_as_heads_grow():
+    for width, heads, kv in ((64, 4, 2), (256, 16, 8)):
+        d = dims_of(compose_run([f"model.width={width}", "model.head_dim=16", "model.q_per_kv=2"]))
+        assert (d.n_heads, d.n_kv_heads) == (heads, kv)
+    fixed = [dims_of(compose_run([f"model.width={w}", "model.head_dim=16", "model.n_kv_heads=2"])) for w in (64, 256)]
+    assert [d.n_heads // d.n_kv_heads for d in fixed] == [2, 8]  # a fixed count: the ratio moves with width
+    torch.manual_seed(0)
+    model, _ = build(compose_run(["model.width=64", "model.head_dim=16", "model.q_per_kv=4", "model.n_layers=1"]))
+    assert model.blocks[0].attn.k.weight.shape == (16, 64) and model(torch.randint(0, 256, (1, 8))).shape == (1, 8, 256)
+    for args, needle in [(["model.q_per_kv=3"], "not divisible by q_per_kv 3"),
+                         (["model.q_per_kv=2", "model.n_kv_heads=1"], "at most one"),
+                         (["model.q_per_kv=0"], "model.q_per_kv")]:
+        with pytest.raises(HptError, match=needle):
+            compose_run(["model.width=64", "model.head_dim=16", *args])
+
+
+@pytest.mark.parametrize("preset", sorted(MUP_FAMILY))
+def test_constant_init_with_a_mup_family_preset_is_an_error(preset, tmp_path):
+    assert_one_line_error(cli("train", *TINY, f"param={preset}", "init.scheme=constant", "--run-dir",
+                              str(tmp_path / "x")), "init.scheme")
+    assert not (tmp_path / "x").exists()
+    compose_run(["param=sp", "init.scheme=constant"])  # GPT-2's constant init is SP's
+
+
+def test_the_schemas_mup_family_is_the_tables():
+    assert set(MUP_FAMILY) == {n for n, p in PRESETS.items() if p.mup_attention}
+    code = ("import hptransfer.config.schema as s; s.MUP_FAMILY = ('mup',); import hptransfer.train.param")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "MUP_FAMILY" in proc.stderr  # a schema list that drifts fails at import

@@ -11,9 +11,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from hptransfer.config.compose import compose_file
+from hptransfer.config.derived import heads_and_dim
 from hptransfer.config.frozen import load_yaml, run_config, run_id, to_yaml
+from hptransfer.config.schema import validate
 from hptransfer.errors import HptError
-from hptransfer.sweeps import plan
+from hptransfer.sweeps import collect, launch, plan
+from hptransfer.sweeps.store import SweepFolder
 from tests.conftest import REPO, assert_one_line_error, cli
 
 TINY_SWEEP = """\
@@ -216,3 +219,33 @@ def test_a_later_key_set_away_from_its_default_makes_a_new_run(tiny):
                                          "param.exponents.R.c=1"]))
     assert {r.run_id for r in base}.isdisjoint(r.run_id for r in moved)
     assert moved[0].config["param"]["exponents"]["R"]["c"] == 1.0  # the frozen config says it all
+
+
+def test_collect_has_clip_fraction_and_the_decay_timescale_null_for_old_runs(tiny, tmp_path):
+    folder = SweepFolder(tmp_path / "runs" / "tiny")
+    spec = plan.load(tiny, ["optim.lr=0.01", "sweep.seeds=[0]", "param=sp"])
+    launch.prepare(folder, spec, plan.expand(spec))
+    old, new = (r["run_id"] for r in folder.manifest())
+    base = {"status": "completed", "final_train_loss": 2.0, "final_val_loss": 2.1, "effective": {"lr": 0.01}}
+    (folder.run_dir(old) / "result.json").write_text(json.dumps({"run_id": old, **base}))  # written before both
+    (folder.run_dir(new) / "result.json").write_text(json.dumps({
+        "run_id": new, **base, "clip_fraction": 0.25, "effective": {"lr": 0.01, "wd_timescale": {"fraction": 0.3}}}))
+    table, problems = collect.collect([folder])
+    assert problems == [] and str(table.schema.field("clip_fraction").type) == "double"
+    rows = {r["run_id"]: r for r in table.to_pylist()}
+    assert rows[old]["clip_fraction"] is None and rows[old]["effective.wd_timescale"] is None
+    assert rows[new]["clip_fraction"] == 0.25 and rows[new]["effective.wd_timescale"] == 0.3
+
+
+def test_a_sweep_with_a_mup_preset_and_constant_init_fails_before_launching(tiny, tmp_path):
+    res = cli("sweep", str(tiny), "init.scheme=constant", "--dry-run", "--root", str(tmp_path / "runs"))
+    assert_one_line_error(res, "init.scheme")  # the grid holds param=mup
+    assert not (tmp_path / "runs").exists()
+
+
+def test_q_per_kv_keeps_the_ratio_along_a_width_sweep(tiny):
+    runs = plan.expand(plan.load(tiny, ["model.q_per_kv=2", "optim.lr=0.01", "sweep.seeds=[0]", "param=sp",
+                                        "model.width=16,32,64"]))
+    heads = {r.config["model"]["width"]: heads_and_dim(validate(r.config).model, r.config["model"]["width"])
+             for r in runs}
+    assert {w: (h, kv) for w, (h, _, kv) in heads.items()} == {16: (2, 1), 32: (4, 2), 64: (8, 4)}

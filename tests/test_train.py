@@ -14,6 +14,7 @@ from hptransfer.train import loop
 from hptransfer.train.data import make_batches, shakespeare_bytes
 from hptransfer.train.optim import AdamAtan2, lr_factor
 from hptransfer.train.rules import apply_rules
+from hptransfer.train.step import clipped_steps, setup, train_step
 from tests.conftest import TINY, assert_one_line_error, cli
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_sp_curve.json"
@@ -69,7 +70,7 @@ def test_batch_and_duration_rules():
                        "scaling.batch.adam_rule=sde", "optim.lr=0.001", "optim.beta2=0.99", "optim.eps=1e-8"])
     eff, record = apply_rules(cfg)
     assert eff.optim.lr == pytest.approx(0.002) and record["batch_rule"]["k"] == 4
-    assert eff.optim.beta2 == pytest.approx(0.96) and eff.optim.eps == pytest.approx(5e-9)
+    assert eff.optim.beta2 == pytest.approx(0.99**4) and eff.optim.eps == pytest.approx(5e-9)  # beta -> beta^k
     assert cfg.optim.lr == 0.001  # the run config keeps the swept base value
     cfg = compose_run(["train.tokens=409600", "scaling.duration.base_tokens=102400", "scaling.duration.lr_rule=power",
                        "scaling.duration.wd_rule=timescale", "optim.weight_decay=0.1", "optim.lr=0.001"])
@@ -154,6 +155,7 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, monkeypa
     monkeypatch.setattr(loop, "lr_factor", real)
     resumed = train(tmp_path, "cut", *args)
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
+    assert resumed["clip_fraction"] == json.loads((tmp_path / "whole" / "result.json").read_text())["clip_fraction"]
     assert resumed["final_val_loss"] == json.loads((tmp_path / "whole" / "result.json").read_text())["final_val_loss"]
 
 
@@ -181,6 +183,10 @@ def test_loss_curve_matches_the_golden_file(tmp_path):
         (["data=text", "data.path=/no/such/file.txt"], "no such file"),
         (["data=text"], "data.path"),
         (["optim.lr=nan"], "optim.lr"),
+        (["model.q_per_kv=3"], "model.q_per_kv"),
+        (["model.q_per_kv=1", "model.n_kv_heads=1"], "at most one"),
+        (["param=completep", "init.scheme=constant"], "init.scheme"),
+        (["scaling.duration.wd_rule=power"], "scaling.timescale.c"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
@@ -193,3 +199,30 @@ def test_empty_data_file_is_an_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert_one_line_error(cli("train", "data=text", f"data.path={empty}"), "empty")
+
+
+@pytest.mark.parametrize("clip,fraction", [("1e-6", 1.0), ("0", None), ("1e6", 0.0)])
+def test_clip_fraction_counts_the_steps_where_clipping_was_active(tmp_path, clip, fraction):
+    r = train(tmp_path, "c", f"optim.grad_clip={clip}")
+    assert r["status"] == "completed" and r["clip_fraction"] == fraction
+
+
+def test_train_step_counts_clipped_steps_on_the_device():
+    """train_step still returns the loss (the coordinate check and the benchmark rely on it); the count is apart."""
+    cfg = compose_run([*TINY, "optim.grad_clip=1e-6"])
+    s = setup(cfg, torch.device("cpu"))
+    x, y = make_batches(cfg).train_batch(0, torch.device("cpu"))
+    loss = train_step(s, x, y)
+    assert loss.shape == () and clipped_steps(s) == 1 and s.clipped.device.type == "cpu"
+    train_step(s, x, y)
+    assert clipped_steps(s) == 2
+    assert clipped_steps(setup(compose_run([*TINY, "optim.grad_clip=0"]), torch.device("cpu"))) is None
+
+
+def test_result_records_the_decay_rules(tmp_path):
+    r = train(tmp_path, "w", "optim.weight_decay=0.1", "optim.wd_mode=coupled", "train.tokens=5120",
+              "scaling.duration.base_tokens=2560", "scaling.duration.wd_rule=timescale")
+    eff = r["effective"]
+    assert eff["duration_rule"]["r"] == 2 and eff["duration_rule"]["wd_factor"] == 0.5
+    assert eff["weight_decay"] == pytest.approx(0.05)
+    assert eff["wd_timescale"]["fraction"] == pytest.approx(1 / (0.004 * 0.05 * 40))  # 40 steps of 4 x 32 tokens

@@ -32,7 +32,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", *, keep: Callable[[dict],
 def heads_and_dim(m: Any, width: int, where: str = "model") -> tuple[int, int, int]:
     """(n_heads, head_dim, n_kv_heads) at `width`: heads grow with width at fixed head_dim, or stay fixed.
 
-    `m` is the model section (attributes width-independent: head_dim, n_heads, n_kv_heads, pos).
+    Kv heads: all of them (null), a fixed count (`n_kv_heads`: with heads growing with width the query
+    heads per kv head grow too), or a fixed ratio (`q_per_kv` query heads per kv head, at every width).
+    `m` is the model section (attributes width-independent: head_dim, n_heads, n_kv_heads, q_per_kv, pos).
     """
     if (m.head_dim is None) == (m.n_heads is None):
         raise HptError(f"config key 'model.head_dim': set exactly one of model.head_dim and model.n_heads ({where})")
@@ -44,7 +46,16 @@ def heads_and_dim(m: Any, width: int, where: str = "model") -> tuple[int, int, i
         if m.n_heads <= 0 or width % m.n_heads:
             raise HptError(f"config key 'model.n_heads': width {width} is not divisible by n_heads {m.n_heads}")
         n_heads, head_dim = m.n_heads, width // m.n_heads
-    n_kv = n_heads if m.n_kv_heads is None else m.n_kv_heads
+    q_per_kv = getattr(m, "q_per_kv", None)  # absent from a section written before the key existed
+    if q_per_kv is not None:
+        if m.n_kv_heads is not None:
+            raise HptError("config key 'model.q_per_kv': set at most one of model.n_kv_heads and model.q_per_kv")
+        if q_per_kv <= 0 or n_heads % q_per_kv:
+            raise HptError(f"config key 'model.q_per_kv': {n_heads} heads (width {width}) are not divisible by "
+                           f"q_per_kv {q_per_kv}")
+        n_kv = n_heads // q_per_kv
+    else:
+        n_kv = n_heads if m.n_kv_heads is None else m.n_kv_heads
     if n_kv <= 0 or n_heads % n_kv:
         raise HptError(f"config key 'model.n_kv_heads': {n_heads} heads are not divisible by {n_kv} kv heads")
     if m.pos == "rope" and head_dim % 2:

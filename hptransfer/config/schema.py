@@ -7,6 +7,7 @@ onto `SCHEMA` (an unknown key or a wrong type fails) and its values and shapes a
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from types import SimpleNamespace
@@ -25,7 +26,8 @@ class ModelConfig:
     n_layers: int = 2
     head_dim: int | None = 32
     n_heads: int | None = None
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = None  # a fixed count of kv heads at every width
+    q_per_kv: int | None = None  # or: query heads per kv head, held as heads grow with width
     mlp: str = "gelu"
     mlp_ratio: float = 4.0
     pos: str = "rope"
@@ -134,6 +136,7 @@ class BatchRule:
     base: int | None = None
     lr_rule: str = "none"
     adam_rule: str = "none"
+    wd_rule: str = "none"
 
 
 @dataclass
@@ -145,9 +148,20 @@ class DurationRule:
 
 
 @dataclass
+class TimescaleConfig:
+    """AdamW's decay timescale, which the `timescale` and `power` weight-decay rules hold or set
+    (docs/science.md#batch-size-and-duration-rules)."""
+
+    unit: str = "fraction"  # what `timescale` holds fixed: fraction (of the run's tokens) | tokens | iterations
+    c: float | None = None  # `power`: tau* = c * (tokens / non-embedding parameters)^p, a fraction of the run
+    p: float | None = None
+
+
+@dataclass
 class ScalingConfig:
     batch: BatchRule = field(default_factory=BatchRule)
     duration: DurationRule = field(default_factory=DurationRule)
+    timescale: TimescaleConfig = field(default_factory=TimescaleConfig)
 
 
 @dataclass
@@ -183,8 +197,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scaling.batch.lr_rule": ("none", "sqrt", "linear"),
     "scaling.batch.adam_rule": ("none", "sde"),
     "scaling.duration.lr_rule": ("none", "power"),
-    "scaling.duration.wd_rule": ("none", "timescale"),
+    "scaling.batch.wd_rule": ("none", "timescale", "power"),
+    "scaling.duration.wd_rule": ("none", "timescale", "power"),
+    "scaling.timescale.unit": ("fraction", "tokens", "iterations"),
 }
+# The muP family: the presets whose widths scale the init (b exponents) and the attention (1/d_head) together,
+# so a width-independent init (init.scheme=constant) breaks them. train/param.py checks at its import that
+# these are the presets whose `mup_attention` is set.
+MUP_FAMILY: tuple[str, ...] = ("mup_everett", "mup", "completep", "depth_mup")
 
 # Keys added to the run config after runs were first frozen, with their defaults. A run that leaves
 # such a key at its default hashes as it did before the key existed (config.frozen.identity_json), so
@@ -194,6 +214,11 @@ LATER_KEYS: dict[str, Any] = {
     **{f"param.exponents.{cls}.{e}": None for cls in ("E", "H", "R") for e in ("a", "b", "c", "g")},
     "param.exponents.depth.residual": None,
     "param.exponents.depth.lr": None,
+    "model.q_per_kv": None,
+    "scaling.batch.wd_rule": "none",
+    "scaling.timescale.unit": "fraction",
+    "scaling.timescale.c": None,
+    "scaling.timescale.p": None,
 }
 
 SCHEMA = OmegaConf.structured(RunConfig)
@@ -289,5 +314,29 @@ def check_values(c: dict[str, Any]) -> None:
         heads_and_dim(m, width, where=prefix)
     if m.pos == "learned" and t["seq_len"] > m.max_seq_len:
         raise bad("train.seq_len", f"{t['seq_len']} exceeds model.max_seq_len={m.max_seq_len}")
+    if c["init"]["scheme"] == "constant" and (name := c["param"]["name"]) in MUP_FAMILY:
+        raise bad("init.scheme", f"constant (one init std at every width) breaks the width scaling of '{name}'; "
+                  "use init.scheme=fan_in, or param=sp for GPT-2's constant init")
+    _check_wd_rules(c["scaling"], c["optim"], bad)
+
+
+def _check_wd_rules(s: dict[str, Any], o: dict[str, Any], bad: Callable[[str, str], HptError]) -> None:
+    """The `power` weight-decay rule sets the decay outright: it needs its constants, and nothing else sets it."""
+    rules = {"scaling.batch.wd_rule": s["batch"]["wd_rule"], "scaling.duration.wd_rule": s["duration"]["wd_rule"]}
+    if "power" not in rules.values():
+        return
+    for key, rule in rules.items():
+        if rule == "timescale":
+            raise bad(key, "timescale cannot be combined with power on the other axis (power sets the decay outright)")
+    ts = s["timescale"]
+    for key in ("c", "p"):
+        if ts[key] is None or not math.isfinite(ts[key]):
+            raise bad(f"scaling.timescale.{key}", f"wd_rule=power needs scaling.timescale.c and .p (tau* = c (D/N)^p, "
+                      f"no default), got {key}={ts[key]}")
+    if ts["c"] <= 0:
+        raise bad("scaling.timescale.c", f"must be positive, got {ts['c']}")
+    if o["weight_decay"] != 0:
+        raise bad("optim.weight_decay", "wd_rule=power sets the decay from scaling.timescale.c and .p: "
+                  "leave optim.weight_decay at 0")
 
 

@@ -33,6 +33,7 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("steps", pa.int64()), ("tokens", pa.int64()), ("batch_size", pa.int64()), ("seq_len", pa.int64()),
     ("n_params", pa.int64()), ("n_params_non_embedding", pa.int64()), ("flops", pa.float64()),
     ("wall_s", pa.float64()), ("tokens_per_s", pa.float64()), ("diverged_at_step", pa.int64()),
+    ("clip_fraction", pa.float64()),  # steps with gradient clipping active / steps; null: clipping off or an old run
     ("error", pa.string()),
     # the scaling coordinates
     ("width", pa.int64()), ("depth", pa.int64()), ("parameterization", pa.string()), ("lr", pa.float64()),
@@ -40,6 +41,7 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("effective.lr", pa.float64()), ("effective.beta1", pa.float64()), ("effective.beta2", pa.float64()),
     ("effective.eps", pa.float64()), ("effective.weight_decay", pa.float64()),
     ("effective.batch_k", pa.float64()), ("effective.duration_r", pa.float64()),
+    ("effective.wd_timescale", pa.float64()),  # AdamW's decay timescale as a fraction of the run (null: no decay)
     ("env.torch", pa.string()), ("env.device", pa.string()), ("env.hptransfer", pa.string()),
     ("env.host", pa.string()), ("env.git_commit", pa.string()), ("env.git_dirty", pa.bool_()),
 ]
@@ -165,6 +167,7 @@ def result_row(folder: SweepFolder, s: RunState) -> dict[str, Any]:
         **{f"effective.{k}": eff.get(k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")},
         "effective.batch_k": (eff.get("batch_rule") or {}).get("k"),
         "effective.duration_r": (eff.get("duration_rule") or {}).get("r"),
+        "effective.wd_timescale": (eff.get("wd_timescale") or {}).get("fraction"),
         **{f"env.{k}": (r.get("env") or {}).get(k) for k in ("torch", "device", "hptransfer", "host",
                                                               "git_commit", "git_dirty")},
     }

@@ -28,7 +28,7 @@ from hptransfer.provenance import git_state
 from hptransfer.train.data import Batches, make_batches
 from hptransfer.train.optim import lr_factor, set_lr
 from hptransfer.train.rules import apply_rules
-from hptransfer.train.step import evaluate, pick_device, setup, train_step
+from hptransfer.train.step import clipped_steps, evaluate, pick_device, setup, train_step
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -114,6 +114,7 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step0, losses, initial = state["step"], state["losses"], state["initial"]
+        s.clipped.fill_(state.get("clipped", 0))  # a checkpoint written before clip counting: from 0
     # The loss curve on disk holds exactly the steps before step0 (a killed attempt may have logged more).
     write_atomic(metrics, "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -150,10 +151,11 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
                 break
             every = cfg.train.checkpoint_every
             if every and step + 1 - last_ckpt >= every and not last:  # only at log steps: losses are complete
-                _save_checkpoint(ckpt, model, opt, step + 1, losses, initial)
+                _save_checkpoint(ckpt, model, opt, step + 1, losses, initial, clipped_steps(s) or 0)
                 last_ckpt = step + 1
     steps_done = step + 1
     train_s = time.time() - t_train
+    clipped = clipped_steps(s)
     val = evaluate(s, batches, cfg.train.val_batches) if status == "completed" else None
     window = losses[: len(losses) if diverged_at is None else diverged_at][-cfg.train.final_window :]
     n_params = sum(p.numel() for p in model.parameters())
@@ -177,6 +179,7 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         "wall_s": time.time() - t_start,
         "tokens_per_s": (steps_done - step0) * tokens_per_step / max(train_s, 1e-9),
         "diverged_at_step": diverged_at,
+        "clip_fraction": None if clipped is None else clipped / steps_done,
         "initial_loss": _finite_or_none(initial),
         "effective": effective,
         "env": environment(device),
@@ -190,10 +193,10 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                     losses: list[float], initial: float | None) -> None:
+                     losses: list[float], initial: float | None, clipped: int) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
-                "initial": initial}, tmp)
+                "initial": initial, "clipped": clipped}, tmp)
     os.replace(tmp, path)
 
 

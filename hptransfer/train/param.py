@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config.schema import CHOICES
+from hptransfer.config.schema import CHOICES, MUP_FAMILY
 
 CLASSES = ("E", "H", "R", "V")
 
@@ -70,6 +70,8 @@ PRESETS: dict[str, Preset] = {
 }
 if tuple(PRESETS) != CHOICES["param.name"]:  # the schema lists the names users may choose: the same ones
     raise ImportError(f"PRESETS {tuple(PRESETS)} and the schema's param.name choices differ")
+if {n for n, p in PRESETS.items() if p.mup_attention} != set(MUP_FAMILY):  # the schema's init.scheme check uses it
+    raise ImportError(f"the schema's MUP_FAMILY {MUP_FAMILY} is not the presets with mup_attention")
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,13 @@ def tensor_specs(
         b = 0.0 if cfg.init.scheme == "constant" else abc.b
         lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, depth_lr=depth_lr,
                       m_depth=m_depth, in_blocks=name.startswith("blocks."))
-        eps = o.eps * m ** (-abc.g) if o.eps_scaling == "per_layer" else o.eps
-        if alpha > 0 and cls == "H" and o.eps_scaling == "per_layer":
+        if o.eps_scaling != "per_layer":
+            eps = o.eps
+        elif cls == "V":  # gains: H's width exponent on the width ratio (CompleteP's reference, docs/science.md#depth)
+            eps = o.eps * (shape[0] / base[0]) ** (-preset.H.g)
+        else:
+            eps = o.eps * m ** (-abc.g)
+        if alpha > 0 and o.eps_scaling == "per_layer" and (cls == "H" or (cls == "V" and name.startswith("blocks."))):
             eps *= m_depth ** (-alpha)
         if cls == "V":
             init_std = None
@@ -220,8 +227,13 @@ def tensor_specs(
 
 
 def _weight_decay(cfg: DictConfig, cls: str, m: float, c: float) -> float:
-    """Decay on H and R (E only if asked, V never); `scaled` keeps lr * lam width-constant."""
+    """Decay on H and R (E only if asked, V never). `scaled`: lam times the inverse of the tensor's whole LR
+    factor (`class_lr` without gamma_X): m^c_X, and for H the depth factor mL^-depth_lr inverted, so lr * decay
+    stays constant across width and depth (docs/science.md#weight-decay)."""
     o = cfg.optim
     if cls == "V" or (cls == "E" and not o.wd_on_embeddings):
         return 0.0
-    return o.weight_decay * m**c if o.wd_mode == "scaled" else o.weight_decay
+    if o.wd_mode == "scaled":
+        depth_lr = depth_lr_exponent(depth_alpha(cfg), _depth_override(cfg, "lr")) if cls == "H" else 0.0
+        return o.weight_decay * m**c * (cfg.model.n_layers / cfg.param.base_depth) ** depth_lr
+    return o.weight_decay

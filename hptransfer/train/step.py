@@ -42,7 +42,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
 
 @dataclass
 class Setup:
-    """A run ready to train: the model (and its compiled forward), its tensor specs, the optimizer."""
+    """A run ready to train: the model (and its compiled forward), its tensor specs, the optimizer.
+
+    `clipped` counts, on the device, the steps of `train_step` whose gradient norm exceeded `grad_clip`
+    (clipping was active); `clipped_steps` reads it, a host sync the loop makes only at checkpoints and at the end.
+    """
 
     model: GPT
     forward: nn.Module  # the model, or torch.compile of it
@@ -51,6 +55,7 @@ class Setup:
     device: torch.device
     autocast: torch.dtype | None
     grad_clip: float
+    clipped: torch.Tensor | None = None  # int64 scalar on the device; set by `setup`
 
 
 def setup(cfg: DictConfig, device: torch.device, *, measure: bool = False) -> Setup:
@@ -66,7 +71,8 @@ def setup(cfg: DictConfig, device: torch.device, *, measure: bool = False) -> Se
     model.to(device=device, dtype=param_dtype)
     opt = build_optimizer(model, specs, cfg)
     forward = torch.compile(model) if cfg.train.compile and not measure else model
-    return Setup(model, forward, specs, opt, device, None if measure else amp, cfg.optim.grad_clip)
+    return Setup(model, forward, specs, opt, device, None if measure else amp, cfg.optim.grad_clip,
+                 torch.zeros((), dtype=torch.int64, device=device))
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,16 +81,27 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One update on the batch (x, y); returns the loss before it, on the device (reading it syncs)."""
+    """One update on the batch (x, y); returns the loss before it, on the device (reading it syncs).
+
+    With clipping on, a step whose global gradient norm exceeds grad_clip adds 1 to `s.clipped`, on the
+    device (no sync).
+    """
     with autocast(s.device, s.autocast):
         logits = s.forward(x)
     loss = loss_of(logits, y)
     loss.backward()
     if s.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
+        if s.clipped is not None:
+            s.clipped += norm > s.grad_clip
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def clipped_steps(s: Setup) -> int | None:
+    """Steps so far whose gradient norm exceeded grad_clip (None with clipping off); reading it syncs."""
+    return None if s.grad_clip <= 0 or s.clipped is None else int(s.clipped)
 
 
 @torch.no_grad()
