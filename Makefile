@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slurm"
+	$(BIN)/python -m pytest -q -m "not slurm and not slow"
 
 lint: install
 	$(BIN)/ruff check hptransfer tests bench

@@ -56,7 +56,8 @@ def param_groups(model: nn.Module, specs: dict[str, TensorSpec], wd_mode: str) -
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         s = specs[name]
-        wd = s.weight_decay / s.lr if wd_mode == "independent" else s.weight_decay
+        # Independent decay as lam / base_lr in AdamW's lr-scaled form; a frozen tensor (lr 0) does not decay.
+        wd = (s.weight_decay / s.lr if s.lr else 0.0) if wd_mode == "independent" else s.weight_decay
         key = (s.cls, s.lr, wd, s.eps)
         g = groups.setdefault(key, {"params": [], "names": [], "cls": s.cls, "base_lr": s.lr, "lr": s.lr,
                                     "weight_decay": wd, "eps": s.eps})
