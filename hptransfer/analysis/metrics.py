@@ -1,4 +1,4 @@
-"""The three transfer metrics and the wider-is-better check (docs/science.md#transfer-metrics).
+"""The three transfer metrics, the wider-is-better check and the clipping check (docs/science.md#transfer-metrics).
 
 These definitions are hptransfer's own, after Kalra & Barkeshli (2026), whose exact
 formulas were not available to us; DEFINITIONS states them for the report.
@@ -12,19 +12,24 @@ from typing import Any
 import numpy as np
 
 from hptransfer.analysis.laws import Law, fit_loss_law
-from hptransfer.analysis.optimum import Curve, loss_spline, spline_minimum
+from hptransfer.analysis.optimum import Curve, Optimum, loss_spline, spline_minimum
 
 # Loss differences below this are treated as seed noise (final losses of small models scatter this
 # much between seeds): a wider model may be this much worse before "wider is better" breaks, and
 # parameterizations this close in transfer penalty tie.
 LOSS_NOISE = 0.01
+# Clipping active in fractions of steps this far apart at two scales' optima changes the effective
+# learning rate with scale: a tenth of the steps is where the law starts to mix the two effects.
+CLIP_SPREAD = 0.1
 
 DEFINITIONS: dict[str, str] = {
     "fit_quality": (
-        "How well the transfer law log lr* = log a + b log s describes the interior optima: R^2, the RMS "
-        "residual in log2(lr) units, and the leave-largest-out error |log2(lr_pred / lr*)| of the law fitted "
-        "without the largest scale and asked for it. R^2 is uninformative when the optimum barely moves "
-        "(b ~ 0): read the RMS residual and the leave-largest-out error then."
+        "How well the transfer law log lr* = log a + b log s describes the interior optima (each weighted by "
+        "its own variance plus the extra scatter, the spread beyond those variances): R^2, the RMS residual in "
+        "log2(lr) units, the leave-largest-out error |log2(lr_pred / lr*)| of the law fitted without the largest "
+        "scale and asked for it, and the bend test (the curvature term in log2 s over its standard error, z). "
+        "R^2 is uninformative when the optimum barely moves (b ~ 0): read the RMS residual and the "
+        "leave-largest-out error then."
     ),
     "robustness": (
         "What a mis-set learning rate costs: at each scale, L(lr* x 2^e) - L(lr*) for e = -1 and +1, read "
@@ -33,16 +38,22 @@ DEFINITIONS: dict[str, str] = {
         "(flat or negative = robust: errors do not cost more as models grow)."
     ),
     "asymptotic": (
-        "Where each parameterization is heading: L(s) = L_inf + A (s / s_ref)^(-alpha) fitted to the best "
-        "loss per scale (needs 3 scales; at an edge optimum the best loss is an upper bound), and the "
-        "differences of L_inf and of the loss at the largest scale that all parameterizations on the axis "
-        "share, against the best of them. A fit that pins L_inf or alpha at a bound of the fit has no "
-        "identified L_inf (too few scales, or losses that do not level off): it is marked and left out "
+        "Where each parameterization is heading: L(s) = L_inf + A (s / s_ref)^(-alpha) fitted to the local "
+        "fits' minimum loss per scale (3 parameters, so it needs 4 scales: with 3 it would pass through every "
+        "point and say nothing about L_inf; at an edge optimum the best loss is an upper bound), and the "
+        "differences of L_inf and of the measured loss at the largest scale that all parameterizations on the "
+        "axis share (the best learning rate tried, seed mean), against the best of them. A fit that pins L_inf "
+        "or alpha at a bound has no identified L_inf (losses that do not level off): it is marked and left out "
         "of the L_inf comparison."
     ),
     "wider_is_better": (
         f"At every fixed learning rate, the loss does not rise (by more than {LOSS_NOISE}) and training "
         "does not start to diverge when the width doubles."
+    ),
+    "clipping": (
+        "The fraction of steps with gradient clipping active at each scale's best learning rate (seed mean, "
+        f"from the clip_fraction column). When it differs by more than {CLIP_SPREAD:g} across the scales, "
+        "clipping acts as a learning-rate change that depends on scale, and the law measures both together."
     ),
 }
 
@@ -55,6 +66,9 @@ def fit_quality(law: Law | None) -> dict[str, Any]:
         "r2": law.r2,
         "rms_residual_log2": law.rms_log2,
         "loo_error_log2": law.loo_error_log2,
+        "extra_scatter_log2": law.extra_scatter_log2,
+        "bend_z": law.bend_z,
+        "bends": law.bends,
         "n_points": len(law.scales),
         "residuals_log2": [{"scale": s, "residual": float(r)} for s, r in zip(law.scales, law.residuals, strict=True)],
     }
@@ -135,13 +149,16 @@ def _loglog_slope(points: list[tuple[float, float]]) -> float | None:
     return float(np.polyfit(s, v, 1)[0])
 
 
-def asymptotic(best_losses: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, Any]]:
-    """Per group (label -> (scale, best loss) pairs on one axis): loss law fit, and gaps to the best group."""
-    fits = {label: fit_loss_law([s for s, _ in pts], [v for _, v in pts]) for label, pts in best_losses.items()}
+def asymptotic(
+    fitted: dict[str, list[tuple[float, float]]], observed: dict[str, list[tuple[float, float]]]
+) -> dict[str, dict[str, Any]]:
+    """Per group (label -> (scale, loss) pairs on one axis): the loss law through the fitted minima, and the
+    gaps to the best group in L_inf and in the measured best loss at the largest common scale."""
+    fits = {label: fit_loss_law([s for s, _ in pts], [v for _, v in pts]) for label, pts in fitted.items()}
     l_infs = [law.l_inf for law, _ in fits.values() if law is not None and not law.at_bound]
-    common = set.intersection(*(set(s for s, _ in pts) for pts in best_losses.values())) if best_losses else set()
+    common = set.intersection(*(set(s for s, _ in pts) for pts in observed.values())) if observed else set()
     largest = max(common) if common else None
-    at_largest = {label: dict(pts).get(largest) for label, pts in best_losses.items()}
+    at_largest = {label: dict(pts).get(largest) for label, pts in observed.items()}
     best_at_largest = min(at_largest.values()) if largest is not None else None
     out = {}
     for label, (law, reason) in fits.items():
@@ -176,3 +193,19 @@ def wider_is_better(curves: list[Curve]) -> dict[str, Any]:
                     "loss_change": _finite(change), "diverged": math.isinf(change),
                 })
     return {"holds": not violations, "n_checks": checks, "n_violations": len(violations), "violations": violations}
+
+
+def clipping(curves: list[Curve], optima: list[Optimum | None]) -> dict[str, Any] | None:
+    """Clipping at each scale's best learning rate and its spread; None where under 2 scales recorded it."""
+    per_scale = []
+    for curve, opt in zip(curves, optima, strict=True):
+        if opt is None:
+            continue
+        values = curve.clip[np.flatnonzero(curve.x == opt.x_best)[0], curve.used]
+        if np.isfinite(values).any():
+            per_scale.append({"scale": curve.scale, "clip_fraction": float(np.nanmean(values))})
+    if len(per_scale) < 2:
+        return None
+    fractions = [p["clip_fraction"] for p in per_scale]
+    spread = max(fractions) - min(fractions)
+    return {"per_scale": per_scale, "spread": spread, "differs": spread > CLIP_SPREAD}

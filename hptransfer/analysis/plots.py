@@ -3,7 +3,7 @@
 - `loss_vs_lr_<axis>.png`: loss against log2(lr), one curve per scale (a colour each),
   one panel per group, optima starred, diverged runs as crosses on the top edge (the
   style of Figure 1 of the muP paper);
-- `optimum_vs_scale_<axis>.png`: the optimum against scale, bootstrap intervals as error
+- `optimum_vs_scale_<axis>.png`: the optimum against scale, its 95% intervals as error
   bars, edge optima as open triangles pointing where the optimum lies, the fitted laws;
 - `best_loss_vs_scale_<axis>.png`: the best loss against scale with the fitted L(s).
 """
@@ -112,7 +112,9 @@ def _optimum_vs_scale(results: list[GroupResult], axis: str) -> Figure:
                 marker = "v" if opt.edge == ("low",) else "^"
                 ax.plot(curve.scale, opt.x_opt, marker, ms=8, mfc="none", color=colour)
                 continue
-            err = None if opt.interval is None else [[opt.x_opt - opt.interval[0]], [opt.interval[1] - opt.x_opt]]
+            # A bootstrap interval need not hold the full data's estimate: clip, since matplotlib refuses negatives.
+            err = None if opt.interval is None else [[max(0.0, opt.x_opt - opt.interval[0])],
+                                                     [max(0.0, opt.interval[1] - opt.x_opt)]]
             ax.errorbar(curve.scale, opt.x_opt, yerr=err, fmt="o", ms=5, color=colour, capsize=3)
         if r.law is not None:
             s = np.geomspace(min(r.group.scales), max(r.group.scales), 50)

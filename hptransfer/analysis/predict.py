@@ -1,13 +1,15 @@
 """`hpt predict`: a target run's learning rate from the transfer law, with its interval and launch line.
 
 The law `log lr* = log a + b log s` of each matching group is evaluated at the target
-scale; its interval is the law's 95% confidence band there (from the residual scatter
-of the optima it was fitted to). For a width target the parameterization's per-class
+scale; its 95% interval combines the optima's own uncertainties, the law's extra scatter
+and the extrapolation distance, and widens to also hold the curved law's when the law
+bends (docs/science.md#transfer-laws). For a width target the parameterization's per-class
 learning rates come from the table's one rule, `train.param.class_lr`
 (docs/science.md#the-abc-table).
 """
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,10 @@ class Prediction:
     axis: str
     target: float
     lr: float
-    interval: tuple[float, float] | None      # 95%, from the law's uncertainty; None with a 2-point law
+    interval: tuple[float, float] | None      # 95%, widened when the law bends; None without any error estimate
+    interval_straight: tuple[float, float] | None  # the straight law's own 95% interval
+    interval_basis: str                        # where the interval's width comes from, in words
+    bend: dict[str, Any] | None                # the bend test: detected, z, missable_shift_log2; None with 2 points
     doublings_beyond: float                    # log2(target / largest swept scale); > 0 extrapolates
     per_class: dict[str, float] | None         # width targets: the learning rate of each parameter class
     overrides: list[str]
@@ -82,24 +87,43 @@ def predict(
 def _predict_group(r: GroupResult, target: float) -> Prediction:
     g, law = r.group, r.law
     log2_lr = float(law.predict(target))
-    interval = law.interval(target)
+    interval, straight = law.prediction_interval(target), law.interval(target)
     per_class, notes = (per_class_lrs(g.parameterization, g.fixed, target, 2**log2_lr) if g.axis == "width"
                         else (None, []))
     if interval is None:
-        notes.append("no interval: the law has only 2 points (no residual scatter to estimate it from)")
+        notes.append("no interval: the law has only 2 points and no noise estimate")
+    missable = law.missable_shift(target)
+    if law.bends:
+        curved = float(law.curved.value(np.log2(target)))
+        notes.append(f"the law bends (curvature z = {law.bend_z:+.1f}): a curved law says {fmt_lr(2**curved)}; the "
+                     "interval is widened to hold both laws' intervals; sweep closer to the target to pin it down")
+    elif missable is None:
+        notes.append("no bend test with 2 points: the interval assumes the law stays straight out to the target")
+    else:
+        notes.append(f"no bend found (z = {law.bend_z:+.1f}), but a bend just large enough to be caught 4 times in 5 "
+                     f"would move the optimum here by {missable:.2f} log2 (x{2**missable:.2g}): the interval assumes "
+                     "the law stays straight out to the target" + (" (3 points: the bend test has one degree of "
+                                                                     "freedom)" if len(law.scales) == 3 else ""))
     return Prediction(
         label=g.label,
         parameterization=g.parameterization,
         axis=g.axis,
         target=target,
         lr=2**log2_lr,
-        interval=None if interval is None else (2 ** interval[0], 2 ** interval[1]),
+        interval=_lr_pair(interval),
+        interval_straight=_lr_pair(straight),
+        interval_basis=law.interval_basis,
+        bend=None if law.bend_z is None else {"detected": law.bends, "z": law.bend_z, "missable_shift_log2": missable},
         doublings_beyond=float(np.log2(target / max(g.scales))),
         per_class=per_class,
         overrides=launch_overrides(r, target, 2**log2_lr, notes),
         compute=_compute(r, target),
         notes=notes,
     )
+
+
+def _lr_pair(log2_pair: tuple[float, float] | None) -> tuple[float, float] | None:
+    return None if log2_pair is None else (2 ** log2_pair[0], 2 ** log2_pair[1])
 
 
 def per_class_lrs(
@@ -153,8 +177,9 @@ def launch_overrides(r: GroupResult, target: float, lr: float, notes: list[str])
     return head + extra
 
 
+@cache  # composing a config takes a tenth of a second; one per preset and process is enough
 def _defaults(param: str) -> dict[str, Any]:
-    """The flattened run config `hpt train param=<param>` starts from."""
+    """The flattened run config `hpt train param=<param>` starts from (read-only: it is shared)."""
     return flatten(OmegaConf.to_container(compose_run([f"param={param}"]), resolve=True))
 
 
@@ -198,6 +223,8 @@ def as_dict(p: Prediction) -> dict[str, Any]:
     return jsonable({
         "label": p.label, "parameterization": p.parameterization, "axis": p.axis, "target": p.target,
         "lr": p.lr, "lr_interval": None if p.interval is None else list(p.interval),
+        "lr_interval_straight": None if p.interval_straight is None else list(p.interval_straight),
+        "interval_basis": p.interval_basis, "bend": p.bend,
         "doublings_beyond": p.doublings_beyond, "per_class_lr": p.per_class,
         "command": "hpt train " + " ".join(p.overrides), "compute": p.compute, "notes": p.notes,
     })
@@ -212,6 +239,12 @@ def render(predictions: list[Prediction], console: Console) -> None:
         console.print(f"[bold]{escape(p.label)}[/bold] at {where} ({reach})", highlight=False)
         interval = "-" if p.interval is None else f"{fmt_lr(p.interval[0])} - {fmt_lr(p.interval[1])}"
         console.print(f"  learning rate   {fmt_lr(p.lr)}   (95% interval {interval})", highlight=False)
+        console.print(f"  interval from   {p.interval_basis}, and the extrapolation distance", highlight=False,
+                      markup=False)
+        if p.bend and p.bend["detected"]:
+            console.print(f"  [bold yellow]warning[/bold yellow]         the law bends (z = {p.bend['z']:+.1f}): "
+                          f"the straight law's own interval is {fmt_lr(p.interval_straight[0])} - "
+                          f"{fmt_lr(p.interval_straight[1])}", highlight=False)
         if p.per_class:
             classes = "  ".join(f"{k} {fmt_lr(v)}" for k, v in p.per_class.items())
             console.print(f"  per class       {classes}", highlight=False)

@@ -18,12 +18,21 @@ from hptransfer.analysis.summary import fmt_loss, fmt_lr, fmt_scale, summary
 from hptransfer.files import write_atomic, write_json_atomic
 
 OPTIMUM_METHOD = (
-    "Per scale point, runs are averaged over seeds per learning rate; a learning rate where any seed "
-    "diverged (or ended with a non-finite loss) is dropped from the fits and drawn as a cross. The optimum "
-    "lr* is the vertex of a quadratic in log2(lr) through the best point and its neighbours within about an "
-    "octave (3 to 5 points); the spline estimate is the minimum of an Akima spline of log-loss over "
-    "log2(lr). Edge: the best point is the first or last learning rate tried, so lr* is a bound. The "
-    "interval is a 95% bootstrap over seeds. The law is fitted on interior optima only."
+    "Per scale point, runs are averaged per learning rate over the seeds that ran every learning rate of "
+    "that scale; a learning rate where any seed diverged (or ended with a non-finite loss) is dropped from the "
+    "fits and drawn as a cross. The optimum lr* is the minimum of a cubic in log2(lr) through the best point "
+    "and its neighbours within 1.5 octaves (a quadratic with fewer than 5 points); the spline estimate is the "
+    "minimum of an Akima spline of log-loss over log2(lr). Edge: the best point is the first or last learning "
+    "rate tried, so lr* is a bound. The 95% interval (curvature) comes from the fit's curvature and the loss "
+    "noise (the seeds' scatter and the scatter around the fits, pooled over the group's scales); with 3 or more "
+    "seeds a bootstrap over seeds replaces it where the bootstrap is wider (a bootstrap over a few seeds alone "
+    "is too narrow). The law is fitted on interior optima only, each weighted by its own variance."
+)
+LAW_METHOD = (
+    "b is the move of the optimum in log2(lr) per doubling of scale: 0 means the optimum transfers as is. "
+    "Extra scatter: how far the optima stray from the law beyond their own uncertainties (0: not at all). "
+    "Bend: the curvature term of a quadratic in log2(scale) over its standard error; past the 95% threshold "
+    "the law bends and `hpt predict` widens its interval to also hold the curved law's."
 )
 ATTRIBUTION = (
     "The three transfer metrics follow Kalra & Barkeshli (2026, arXiv 2605.21486) in spirit; their exact "
@@ -58,8 +67,8 @@ def _flags(o: dict[str, Any]) -> str:
         flags.append("estimates disagree")
     if o["stability_limited"]:
         flags.append("next LR diverges")
-    if not o["quadratic"] and not o["edge"]:
-        flags.append("best point (no quadratic)")
+    if o["fit"] == "best point":
+        flags.append("best point (no local fit)")
     return "; ".join(flags)
 
 
@@ -67,13 +76,14 @@ def tables(s: dict[str, Any]) -> list[TableSpec]:
     """The tables of the summary, in reading order: groups, optima, laws, metrics."""
     groups = s["groups"]
     return [
-        TableSpec("Groups found", ("group", "axis", "scales", "runs", "varies with scale"),
+        TableSpec("Groups found", ("group", "axis", "scales", "runs", "varies with scale", "loss noise per run"),
             [_group_row(g) for g in groups]),
-        TableSpec("Optimum per scale", ("group", "scale", "lr* (quadratic)", "lr* (spline)", "95% interval", "loss*",
-                                  "runs (diverged)", "flags"),
+        TableSpec("Optimum per scale", ("group", "scale", "lr* (local fit)", "lr* (spline)", "95% interval",
+                                        "loss* (fit)", "runs (diverged)", "seeds used", "interval from", "flags"),
             [_optimum_row(g["label"], o) for g in groups for o in g["optima"]]),
         TableSpec("Transfer law: log lr* = log a + b log s", ("group", "a", "b (log2 per doubling)", "R^2",
-                                                      "RMS residual (log2)", "leave-largest-out (log2)", "points"),
+                                                      "RMS residual (log2)", "leave-largest-out (log2)", "points",
+                                                      "extra scatter (log2)", "bend (z)"),
             [_law_row(g) for g in groups]),
         TableSpec("Transfer metrics", ("group", "mean penalty of lr* x2^+-1", "penalty trend (per doubling)",
                                  "penalty of leave-largest-out lr", "L_inf", "delta L_inf", "delta loss at largest",
@@ -84,7 +94,9 @@ def tables(s: dict[str, Any]) -> list[TableSpec]:
 
 def _group_row(g: dict[str, Any]) -> tuple[str, ...]:
     scales = ", ".join(fmt_scale(x) for x in g["scales"])
-    return g["label"], g["axis"], scales, str(g["n_runs"]), ", ".join(g["varies_with_scale"]) or "-"
+    noise = g["noise"]
+    sd = "-" if noise is None else f"{noise['loss_sd_per_run']:.2g} (from {noise['source']})"
+    return g["label"], g["axis"], scales, str(g["n_runs"]), ", ".join(g["varies_with_scale"]) or "-", sd
 
 
 def _optimum_row(label: str, o: dict[str, Any]) -> tuple[str, ...]:
@@ -92,8 +104,17 @@ def _optimum_row(label: str, o: dict[str, Any]) -> tuple[str, ...]:
     return (
         label, fmt_scale(o["scale"]), _bound(o) + fmt_lr(o["lr_opt"]), fmt_lr(o["lr_opt_spline"]),
         "-" if interval is None else f"{fmt_lr(interval[0])} - {fmt_lr(interval[1])}",
-        fmt_loss(o["loss_opt"]), f"{o['n_runs']} ({o['n_diverged']})", _flags(o),
+        fmt_loss(o["loss_opt"]), f"{o['n_runs']} ({o['n_diverged']})", _seeds(o), o["interval_method"] or "-",
+        _flags(o),
     )
+
+
+def _seeds(o: dict[str, Any]) -> str:
+    if o["seeds_mixed"]:
+        return f"{o['n_seeds']} (mixed)"
+    if o["seeds_dropped"]:
+        return f"{o['n_seeds_used']} of {o['n_seeds']}"
+    return str(o["n_seeds"])
 
 
 def _bound(o: dict[str, Any]) -> str:
@@ -104,10 +125,13 @@ def _bound(o: dict[str, Any]) -> str:
 def _law_row(g: dict[str, Any]) -> tuple[str, ...]:
     law = g["law"]
     if law is None:
-        return g["label"], "-", "-", "-", "-", "-", "no law"
+        return g["label"], "-", "-", "-", "-", "-", "no law", "-", "-"
+    bend = law["bend"]
     return (
         g["label"], fmt_lr(law["a"]), _pm(law["slope_log2_per_doubling"]), _num(law["r2"]),
         _num(law["rms_residual_log2"]), _num(law["loo_error_log2"]), str(len(law["scales"])),
+        _num(law["extra_scatter_log2"]),
+        "- (2 points)" if bend is None else f"{bend['z']:+.1f}" + (" bends" if bend["detected"] else ""),
     )
 
 
@@ -116,9 +140,15 @@ def _metrics_row(g: dict[str, Any]) -> tuple[str, ...]:
     return (
         g["label"], _num(rob["mean_penalty"], 4), _pm(rob["penalty_trend_log2_per_doubling"]),
         "diverges" if rob["loo_diverged"] else _num(rob["loo_penalty"], 4),
-        _num(asy["l_inf"]) + (" (at bound)" if asy.get("at_bound") else ""),
+        _l_inf(asy),
         _num(asy.get("delta_l_inf")), _num(asy["delta_loss_at_largest"], 4), _wider(g["metrics"]),
     )
+
+
+def _l_inf(asy: dict[str, Any]) -> str:
+    if asy["l_inf"] is None:
+        return asy["reason"].split(":")[0]  # "not identified" or "fit failed"; summary.json has the rest
+    return _num(asy["l_inf"]) + (" (at bound)" if asy["at_bound"] else "")
 
 
 def _wider(metrics: dict[str, Any]) -> str:
@@ -190,8 +220,7 @@ def markdown(s: dict[str, Any], inputs: list[Path], figures: list[Path]) -> str:
         "the config values that change only because the axis does.\n",
         f"\n## {optima.title}\n\n", _md_table(optima), "\n", OPTIMUM_METHOD, "\n\n",
         images("loss_vs_lr", "Loss against learning rate, one curve per scale"),
-        f"## {laws.title}\n\n", _md_table(laws),
-        "\nb is the move of the optimum in log2(lr) per doubling of scale: 0 means the optimum transfers as is.\n\n",
+        f"## {laws.title}\n\n", _md_table(laws), "\n", LAW_METHOD, "\n\n",
         images("optimum_vs_scale", "Optimum against scale with the fitted law"),
         f"## {metrics.title}\n\n", _md_table(metrics), "\n",
         images("best_loss_vs_scale", "Best loss against scale"),

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hptransfer.analysis.optimum import quantile
+
 if TYPE_CHECKING:  # analyze formats its warnings with the functions below: it imports this module
     from hptransfer.analysis.analyze import Analysis, GroupResult
     from hptransfer.analysis.laws import Law
@@ -34,6 +36,8 @@ def _group_entry(r: "GroupResult") -> dict[str, Any]:
         "varies_with_scale": g.varies_with_scale,
         "scales": [c.scale for c in r.curves],
         "n_runs": int(sum(c.n_runs for c in r.curves)),
+        "noise": None if r.noise is None else {"loss_sd_per_run": r.noise.sd, "dof": r.noise.dof,
+                                               "source": r.noise.source},
         "optima": [_optimum_entry(c, o) for c, o in zip(r.curves, r.optima, strict=True)],
         "law": _law_entry(r.law),
         "metrics": r.metrics,
@@ -43,9 +47,11 @@ def _group_entry(r: "GroupResult") -> dict[str, Any]:
 
 def _optimum_entry(curve: "Curve", opt: "Optimum | None") -> dict[str, Any]:
     entry: dict[str, Any] = {"scale": curve.scale, "n_runs": curve.n_runs, "n_diverged": curve.n_diverged,
-                             "n_seeds": curve.n_seeds}
+                             "n_seeds": curve.n_seeds, "n_seeds_used": len(curve.used), "seeds_dropped": curve.dropped,
+                             "seeds_mixed": curve.mixed}
     if opt is None:
-        return {**entry, "lr_opt": None, "lr_opt_spline": None, "loss_opt": None, "edge": False}
+        return {**entry, "lr_opt": None, "lr_opt_spline": None, "loss_opt": None, "edge": False,
+                "interval_method": None}
     return {
         **entry,
         "lr_opt": 2**opt.x_opt,
@@ -56,10 +62,14 @@ def _optimum_entry(curve: "Curve", opt: "Optimum | None") -> dict[str, Any]:
         "lrs_to_add": [2**x for x in opt.to_add],
         "disagree": opt.disagree,
         "stability_limited": opt.stability_limited,
-        "quadratic": opt.quadratic,
+        "fit": None if opt.fit is None else opt.fit.kind,
         "lr_best_grid": 2**opt.x_best,
+        "loss_best_grid": opt.loss_best,
         "grid_step_log2": opt.step,
+        "lr_opt_se_log2": opt.se,
         "lr_interval": None if opt.interval is None else [2**opt.interval[0], 2**opt.interval[1]],
+        "interval_method": opt.interval_method,
+        "lr_interval_bootstrap": None if opt.boot is None else [2**opt.boot[0], 2**opt.boot[1]],
     }
 
 
@@ -75,6 +85,14 @@ def _law_entry(law: "Law | None") -> dict[str, Any] | None:
         "loo_error_log2": law.loo_error_log2,
         "scales": list(law.scales),
         "lr_opt": [2**y for y in law.log2_lr],
+        "se_log2": None if law.se is None else list(law.se),
+        "extra_scatter_log2": law.extra_scatter_log2,
+        "interval_basis": law.interval_basis,
+        "interval_t": quantile(law.fit.dof) if law.fit.cov is not None else None,  # half width / standard error
+        "bend": None if law.bend_z is None else {
+            "detected": law.bends, "z": law.bend_z,
+            "slope_change_per_doubling": 2 * float(law.curved.coef[2]),
+        },
     }
 
 
