@@ -37,7 +37,8 @@ EXPECTED = [
     ("hptransfer/train/optim.py", 'wd_mode == "independent"'),
     ("hptransfer/train/optim.py", 'g["base_lr"] * factor'),
     ("hptransfer/train/optim.py", "torch.atan2(m_hat"),
-    ("hptransfer/train/rules.py", "o.lr *= r**d.lr_exponent"),
+    ("hptransfer/train/rules.py", "def apply_rules"),
+    ("hptransfer/train/rules.py", "def timescale_factor"),
     ("hptransfer/config/derived.py", "12 * n_layers * width * seq_len * tokens"),
 ]
 MAP_SECTION = "## The formula-to-code map"
@@ -241,7 +242,8 @@ def refresh_map_anchors() -> list[str]:
         na, nb = a, b
         if snippet not in "\n".join(lines[a - 1:b]):
             offset = _offset_in_history(path, a, b, snippet)
-            na = next(i + 1 for i, line in enumerate(lines) if snippet in line) - offset
+            hits = [i + 1 for i, line in enumerate(lines) if snippet in line]
+            na = min(hits, key=lambda i: abs(i - offset - a)) - offset  # the occurrence nearest the old place
             nb = na + b - a
             moved.append(f"{path}: {snippet!r} L{a} -> L{na}")
         old_anchor, new_anchor = (f"L{a}-L{b}", f"L{na}-L{nb}") if m.group(3) else (f"L{a}", f"L{na}")
