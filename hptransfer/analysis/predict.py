@@ -27,6 +27,7 @@ from hptransfer.config.schema import CHOICES
 from hptransfer.errors import HptError
 from hptransfer.train.param import class_lr, depth_exponent, depth_lr_exponent, resolve_preset
 
+BLIND_LOG2 = 4.0  # a missable shift beyond this (16x) says only that the bend test cannot see the bends that matter
 # `--at` key -> scaling axis
 AT_KEYS = {
     "width": "width", "model.width": "width",
@@ -99,6 +100,11 @@ def _predict_group(r: GroupResult, target: float) -> Prediction:
                      "interval is widened to hold both laws' intervals; sweep closer to the target to pin it down")
     elif missable is None:
         notes.append("no bend test with 2 points: the interval assumes the law stays straight out to the target")
+    elif missable > BLIND_LOG2:  # the test cannot see a bend that matters: say that, not a meaningless figure
+        notes.append(f"no bend found (z = {law.bend_z:+.1f}), but with these optima the bend test is blind here: a "
+                     f"bend it would catch 4 times in 5 would move the optimum by more than {BLIND_LOG2:g} octaves; "
+                     "the interval holds only if the law stays straight out to the target (more scales, more seeds "
+                     "or a finer LR grid sharpen the test)")
     else:
         notes.append(f"no bend found (z = {law.bend_z:+.1f}), but a bend just large enough to be caught 4 times in 5 "
                      f"would move the optimum here by {missable:.2f} log2 (x{2**missable:.2g}): the interval assumes "
