@@ -7,18 +7,46 @@ is marked `# per command`.
 
 import dataclasses
 import json
+import os
+import shlex
+import shutil
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.live import Live
 from rich.table import Table
 
+from hptransfer import __version__
 from hptransfer.errors import HptError
+
+SWEEPS_DIR = Path(__file__).parent / "config" / "sweeps"  # the packaged sweep files (conf/ in a clone links them)
+PIPE_WIDTH = 200  # piped or logged output: the width tables get (text is never hard-wrapped there)
+
+
+class Out(Console):
+    """A console that draws as rich does on a terminal, and never hard-wraps when it is not one.
+
+    Piped or logged, a printed line stays one line (soft wrap: a pasted hint or launch line is never
+    broken mid-word), and tables get PIPE_WIDTH columns instead of being squeezed to 80.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        super().print(*objects, soft_wrap=(not self.is_terminal) if soft_wrap is None else soft_wrap, **kwargs)
+
 
 app = typer.Typer(
     help="Find a large model's hyperparameters by tuning small ones.\n\n"
@@ -26,15 +54,80 @@ app = typer.Typer(
     "parameterizations, collect the final losses, and measure how well the optimum transfers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion [bash|zsh|fish|powershell]
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Out()
+err_console = Out(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from hptransfer.provenance import git_state  # per command: runs git, only for --version
+
+        git = git_state()
+        dirty = ", dirty" if git["git_dirty"] else ""
+        where = f" (git {git['git_commit'][:10]}{dirty})" if git["git_commit"] else ""
+        print(f"hpt {__version__}{where}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
-    """Keeps `hpt` a command group even while it has a single command."""
+def _root(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True,
+                                          help="Print hptransfer's version and exit.")] = False,
+) -> None:
+    """The command group; --version and the shell completion options belong to it."""
+
+
+def _extras(folder: Any, states: list[Any]) -> Any:
+    """What status adds to a sweep, cheaply: its job records (one file) and, for running runs only, the
+    latest training loss (the tail of metrics.jsonl) and the steps they train (config.yaml)."""
+    from hptransfer import views  # per command
+
+    ex = views.Extras(records=folder.job_records())
+    for s in states:
+        if s.state == "running":
+            run_dir = folder.run_dir(s.run_id)
+            ex.losses[s.run_id] = _latest_loss(run_dir / "metrics.jsonl")
+            steps = _train_steps(run_dir / "config.yaml")
+            if steps:
+                ex.total_steps[s.run_id] = steps
+    return ex
+
+
+def _latest_loss(metrics: Path, tail: int = 4096) -> float | None:
+    """The last training loss in metrics.jsonl, from its last few KB (the file grows with every step)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the first (cut) line, or one being written
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("loss"), int | float):
+            return float(entry["loss"])
+    return None
+
+
+def _train_steps(config: Path) -> int | None:
+    """train.steps of a frozen config.yaml, read as text (no YAML parser: status imports none)."""
+    try:
+        text = config.read_text()
+    except OSError:
+        return None
+    section = False
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            section = line.rstrip() == "train:"
+        elif section and line.strip().startswith("steps:"):
+            value = line.split(":", 1)[1].strip()
+            return int(value) if value.isdigit() else None
+    return None
 
 
 Overrides = Annotated[
@@ -52,16 +145,124 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON to stdout inste
 
 
 def wide(c: Console) -> Console:
-    """Piped output gets a wide console: tables must not be squeezed to 80 columns."""
-    return c if c.is_terminal else Console(width=200)
+    """The console as it is: an `Out` is already wide when piped (kept for the commands that say so)."""
+    return c
 
 
 Root = Annotated[Path | None, typer.Option("--root", help="Folder of sweeps (default: $HPT_ROOT, else ./runs).")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the composed config as YAML and exit.")]
+
+
+def hint(*words: str, root: Path | None = None) -> str:
+    """A command to paste: `hpt WORDS`, with the --root it was given (or $HPT_ROOT's), quoted for the shell."""
+    where = root if root is not None else os.environ.get("HPT_ROOT")
+    return " ".join(["hpt", *(shlex.quote(str(w)) for w in words)]
+                    + (["--root", shlex.quote(str(where))] if where else []))
+
+
+def find_sweep_file(given: Path) -> Path:
+    """The sweep file: the path as given, else the packaged sweep of that name (`width`, `width.yaml`)."""
+    if given.is_file() or given.parent != Path("."):  # a path: as given (a folder named `width` is no sweep file)
+        return given
+    packaged = SWEEPS_DIR / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+    raise HptError(f"no such config file: {given} (nor a packaged sweep of that name: {names}; "
+                   f"`hpt init` copies them into a folder to edit)")
+
+
+def _estimate(runs: list[Any], to_launch: list[str], launcher: Any, jobs: int | None) -> dict[str, Any] | None:
+    """What launching costs: GPU-hours when SLURM GPUs are the target, else the wall time at the training
+    rate measured here on the largest run's shape (a few steps), with as many runs at once as will run."""
+    from hptransfer import views  # per command
+    from hptransfer.config.derived import run_flops  # per command
+    from hptransfer.sweeps.backends.local import cpu_count, default_jobs, local_gpus  # per command
+    from hptransfer.sweeps.plan import GPU_FLOPS_PER_S  # per command
+
+    wanted = set(to_launch)
+    launching = [r for r in runs if r.run_id in wanted]
+    flops = [run_flops(r.config) for r in launching]
+    if launcher.name == "slurm" and launcher.gpus_per_node > 0:
+        return views.estimate(flops, gpu_flops_per_s=GPU_FLOPS_PER_S)
+    if not launching:
+        return views.estimate(flops, error="nothing to launch")
+    if launcher.name == "slurm":  # CPU nodes: timed here, on this machine, with a task's threads
+        parallel, threads = launcher.array_parallelism, launcher.cpus_per_task
+    else:
+        gpus = local_gpus()
+        parallel = jobs or default_jobs(launcher, gpus)
+        threads = None if gpus else max(1, cpu_count() // parallel)  # as the local scheduler shares the cores
+    from hptransfer.train import speed  # per command: torch, only for a dry run's estimate
+
+    try:
+        seconds, timed = speed.run_seconds([r.config for r in launching], threads=threads)
+    except (RuntimeError, ValueError, MemoryError, HptError) as err:  # no estimate is no reason to fail a dry run
+        return views.estimate(flops, error=f"not measured: {type(err).__name__}: {str(err)[:200]}")
+    startup = _job_startup_s()
+    return views.estimate(flops, run_s=[s + startup for s in seconds], parallel=min(parallel, len(launching)),
+                          how=f"{speed.summary(timed)}; each run: its steps and validation at its shape's rate, "
+                              f"plus {startup:.1f} s to start its process (timed)")
+
+
+_STARTUP: list[float] = []
+
+
+def _job_startup_s() -> float:
+    """Seconds a job spends before training: a fresh Python importing the job and the trainer (timed once)."""
+    if not _STARTUP:
+        import subprocess  # per command: only a dry run times a job's start-up
+
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import hptransfer.sweeps.job, hptransfer.train.loop"],
+                       capture_output=True, check=False, timeout=120)
+        _STARTUP.append(time.perf_counter() - t0)
+    return _STARTUP[0]
+
+
+@app.command(rich_help_panel="Sweeps")
+def init(
+    folder: Annotated[Path, typer.Argument(help="Folder to copy the sweep files into (made if missing).")]
+    = Path("conf"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite sweep files that exist there.")] = False,
+) -> None:
+    """Copy the packaged sweep files (width, depth, batch, duration) into a folder to edit.
+
+    A file that exists is kept unless --force. Each file composes the
+    package's run config, so an edited copy works from anywhere; `hpt sweep
+    width` (a name, not a path) always finds the packaged original.
+
+    Examples:
+      hpt init
+      hpt init studies && hpt sweep studies/width.yaml --dry-run
+      hpt init conf --force
+    """
+    if folder.exists() and not folder.is_dir():
+        raise HptError(f"{folder} exists and is not a folder")
+    sources = sorted(SWEEPS_DIR.glob("*.yaml"))
+    folder.mkdir(parents=True, exist_ok=True)
+    copied, kept = [], []
+    for src in sources:
+        dest = folder / src.name
+        if dest.exists() and not force:
+            kept.append(dest.name)
+            continue
+        shutil.copyfile(src, dest)
+        copied.append(dest.name)
+    if kept:
+        err_console.print(f"[yellow]hpt: warning:[/yellow] kept {len(kept)} existing file(s) in {folder}: "
+                          f"{', '.join(kept)} (--force overwrites them)", highlight=False)
+    if copied:
+        first = folder / ("width.yaml" if "width.yaml" in copied else copied[0])
+        console.print(f"copied {len(copied)} sweep file(s) into {folder}: {', '.join(copied)}; edit one, then: "
+                      f"{hint('sweep', first, '--dry-run')}", highlight=False)
 
 
 @app.command(rich_help_panel="Sweeps")
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="A sweep file, e.g. conf/width.yaml.", show_default=False)],
+    sweep_file: Annotated[Path, typer.Argument(
+        help="A sweep file, e.g. conf/width.yaml, or a packaged sweep by name: width, depth, batch, duration.",
+        show_default=False)],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="Hydra overrides: key=value for every run; key=a,b, choice(...) or range(...) to sweep a key; "
              "launcher=slurm.", show_default=False)] = None,
@@ -76,35 +277,67 @@ def sweep(
     = False,
     name: Annotated[str | None, typer.Option("--name", help="Sweep name (default: sweep.name of the file).")] = None,
     root: Root = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print the composed sweep (YAML, as sweep.yaml would hold it) and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
 ) -> None:
     """Expand a sweep file's grid and launch every run that has no result yet.
 
-    Each run's config is frozen in runs/<sweep>/<run_id>/config.yaml (the id is a hash of it), so
-    the same command again launches nothing, a widened grid launches only the new points, and an
-    interrupted sweep resumes. Locally the runs go N at a time with a live display (Ctrl-C stops
-    them, recorded cancelled); with launcher=slurm they go as job arrays and the command returns.
+    The file is a path, or a packaged sweep's name (width, depth, batch,
+    duration; `hpt init` copies them to edit). Each run's config is frozen in
+    runs/<sweep>/<run_id>/config.yaml (its id is a hash of it), so the same
+    command again launches nothing, a widened grid launches only the new
+    points, and an interrupted sweep resumes. Locally the runs go N at a time
+    with a live display (Ctrl-C stops them, recorded cancelled); with
+    launcher=slurm they go as job arrays and the command returns. The dry
+    run estimates the time from a few training steps timed here (GPU-hours
+    when the target is SLURM with GPUs).
 
     Examples:
-      hpt sweep conf/width.yaml --dry-run
+      hpt sweep width --dry-run
       hpt sweep conf/width.yaml
-      hpt sweep conf/width.yaml model.width=64,128,256 'param=choice(sp,mup)' train.steps=200
-      hpt sweep conf/width.yaml --retry-failed
-      hpt sweep conf/depth.yaml launcher=slurm launcher.partition=gpu launcher.timeout_min=120
+      hpt sweep width model.width=64,128,256 'param=choice(sp,mup)' \\
+          train.steps=200
+      hpt sweep width --retry-failed
+      hpt sweep width --dry-run --json | jq .estimate
+      hpt sweep depth --print-config
+      hpt sweep depth launcher=slurm launcher.partition=gpu \\
+          launcher.timeout_min=120
     """
     from hptransfer import views  # per command
+    from hptransfer.provenance import git_state  # per command
     from hptransfer.sweeps import launch, plan  # per command
     from hptransfer.sweeps.backends.local import default_jobs, local_gpus  # per command
     from hptransfer.sweeps.store import SweepFolder, root_dir  # per command
 
-    spec = plan.load(sweep_file, overrides, name=name)
+    if as_json and not dry_run:
+        raise HptError("--json goes with --dry-run (hpt status SWEEP --json follows a launched sweep)")
+    spec = plan.load(find_sweep_file(sweep_file), overrides, name=name)
+    if print_config:
+        from omegaconf import OmegaConf  # per command
+
+        from hptransfer.sweeps.store import sweep_definition  # per command
+
+        print(OmegaConf.to_yaml(OmegaConf.create(sweep_definition(spec))), end="")
+        return
     runs = plan.expand(spec)
+    for note in spec.notes:  # what the data check could only sample
+        err_console.print(f"[yellow]hpt: note:[/yellow] {note}", highlight=False)
     launcher = launch.launcher_config(spec.launcher)
     folder = SweepFolder(root_dir(root) / spec.name)
     ids = [r.run_id for r in runs]
+    records = folder.job_records() if folder.path.exists() else []
+    mixed = views.commit_warning(spec.name, views.commits(records), launching=views.commit_label(git_state()))
+    if mixed:
+        err_console.print(f"[yellow]hpt: warning:[/yellow] {mixed}", highlight=False)
     if dry_run:
         to_launch = launch.launchable(folder, spec, runs, retry_failed)
+        data = views.plan_data(spec, runs, to_launch, launcher.name, _estimate(runs, to_launch, launcher, jobs))
+        if as_json:
+            print(json.dumps(data, indent=1, default=str))
+            return
         out = wide(console)
-        out.print(views.plan(spec, runs, len(to_launch), launcher.name))
+        out.print(views.plan(data))
         if launcher.name == "slurm":
             from hptransfer.sweeps.backends import slurm  # per command, and a local sweep never imports submitit
 
@@ -116,16 +349,21 @@ def sweep(
     if launcher.name == "slurm":
         records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
         arrays = sorted({r["job_id"].split("_")[0] for r in records})
+        failed = launch.failed_runs(folder, ids)
         console.print(f"sweep '{spec.name}': {len(records)} of {len(runs)} runs submitted to SLURM"
                       + (f" as job {', '.join(arrays)}" if arrays else " (the rest have results or live jobs)")
-                      + f"; follow with: hpt status {spec.name} --watch", soft_wrap=True)
+                      + views.failed_hint(failed)
+                      + f"; follow with: {hint('status', spec.name, '--watch', root=root)}", soft_wrap=True)
+        if failed:
+            raise typer.Exit(1)
         return
     n_jobs = jobs or default_jobs(launcher, local_gpus())
     order = launch.largest_first(runs)
     if detach:
         pid = launch.detach_local(folder, order, jobs=n_jobs, retry_failed=retry_failed)
         console.print(f"sweep '{spec.name}': scheduler {pid} runs it in the background, {n_jobs} at a time "
-                      f"(log: {folder.path / 'scheduler.log'}); follow with: hpt status {spec.name} --watch",
+                      f"(log: {folder.path / 'scheduler.log'}); follow with: "
+                      f"{hint('status', spec.name, '--watch', root=root)}",
                       soft_wrap=True)
         return
     keys = [d.key for d in spec.dims if len(d.values) > 1]
@@ -136,8 +374,10 @@ def sweep(
         err_console.print("hpt: stopped; unfinished runs are recorded cancelled. Resume with the same command.",
                           soft_wrap=True)
         raise typer.Exit(130) from None
-    console.print(views.sweep_done(spec.name, progress, len(runs)), soft_wrap=True)
-    if progress.done["failed"]:
+    failed = launch.failed_runs(folder, ids)  # this launch's and earlier ones not relaunched: exit 1
+    console.print(views.sweep_done(spec.name, progress, len(runs), failed, again=hint("status", spec.name, root=root)),
+                  soft_wrap=True)
+    if failed:
         raise typer.Exit(1)
 
 
@@ -151,10 +391,15 @@ def status(
 ) -> None:
     """Show each sweep's runs: pending, running, completed, diverged, failed, cancelled.
 
-    States come from the run folders and, for SLURM runs, from one sacct call (squeue when
-    accounting is missing). For one sweep: a grid of final validation loss with the scaling axis
-    against learning rate (best per row highlighted, `div` = diverged), every run with its job id,
-    attempts and loss, and the log tail of failed runs.
+    States come from the run folders and, for SLURM runs, from one sacct call
+    (squeue when accounting is missing). For one sweep: a grid of final
+    validation loss with the scaling axis against learning rate (best per
+    row highlighted, `div` = diverged), an ETA (the finished runs' wall times
+    and the running ones' progress), every run with its job id, attempts and
+    loss (a running run's latest training loss), and the log tail of failed
+    runs. --watch fits the screen: the runs that need attention first, cut
+    with a count of what is hidden. A sweep whose runs come from more than
+    one git commit is warned about.
 
     Examples:
       hpt status
@@ -171,22 +416,33 @@ def status(
     folders = [open_sweep(sweep, base)] if sweep else list_sweeps(base)
     if not folders:
         raise HptError(f"no sweeps in {base}")
+    again = hint("status", *([folders[0].name] if sweep else []), root=root)
 
-    def snapshot() -> dict[str, list]:
-        return {f.name: run_states(f, summaries=True) for f in folders}
+    def snapshot() -> tuple[dict[str, list], dict[str, Any]]:
+        states = {f.name: run_states(f, summaries=True) for f in folders}
+        return states, {f.name: _extras(f, states[f.name]) for f in folders}
 
     if as_json:
-        data = {name: {"counts": counts(states), "runs": [s.as_dict() for s in states]}
-                for name, states in snapshot().items()}
+        snap, extras = snapshot()
+        data = {name: {"counts": counts(states), "commits": views.commits(extras[name].records),
+                       "runs": [{**s.as_dict(), **({"latest_train_loss": extras[name].losses.get(s.run_id)}
+                                                  if s.state == "running" else {})} for s in states]}
+                for name, states in snap.items()}
         print(json.dumps(data, indent=1, default=str))
         return
-    if not watch:
-        wide(console).print(views.status_view(snapshot(), folders, detail=sweep is not None))
-        return
-    with Live(console=console, auto_refresh=False) as live:
+    if not watch or not console.is_terminal:  # piped, --watch shows each refresh in full
         while True:
-            snap = snapshot()
-            live.update(views.status_view(snap, folders, detail=sweep is not None), refresh=True)
+            snap, extras = snapshot()
+            console.print(views.status_view(snap, folders, detail=sweep is not None, extras=extras, hint=again))
+            if not watch or not any(s.active for states in snap.values() for s in states):
+                return
+            time.sleep(every)
+    with Live(console=console, auto_refresh=False, vertical_overflow="crop") as live:
+        while True:
+            snap, extras = snapshot()
+            size = console.size
+            live.update(views.status_view(snap, folders, detail=sweep is not None, extras=extras, hint=again,
+                                          height=size.height, width=size.width), refresh=True)
             if not any(s.active for states in snap.values() for s in states):
                 break
             time.sleep(every)
@@ -198,22 +454,30 @@ def collect(
     = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")] = Path("results.parquet"),
     root: Root = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print what was written as JSON: path, rows, runs per status, warnings.")] = False,
 ) -> None:
     """Write one row per run of the sweeps to Parquet: results, states, config, loss curve.
 
-    Columns (docs/design.md#resultsparquet): run_id, sweep, status, the result metrics, width, depth, batch_size,
-    tokens, parameterization, lr, every config value as cfg.<key>, and curve_step/curve_loss.
-    Runs without a result keep their state (pending, running, cancelled, failed) with null
+    Columns (docs/design.md#resultsparquet): run_id, sweep, status, the
+    result metrics, width, depth, batch_size, tokens, parameterization, lr,
+    every config value as cfg.<key>, the training curve curve_step/curve_loss
+    and the validation curve curve_val_step/curve_val_loss. Runs without a
+    result keep their state (pending, running, cancelled, failed) with null
     metrics; a corrupt result.json is reported and skipped.
 
     Examples:
       hpt collect
       hpt collect width depth --out results.parquet
+      hpt collect width --json | jq .counts
     """
 
     from hptransfer.sweeps import collect as collecting  # per command
     from hptransfer.sweeps.store import list_sweeps, open_sweep, root_dir  # per command
 
+    if out.is_dir() or not out.parent.is_dir():  # a mistyped path creates nothing: the folder must exist
+        raise HptError(f"--out {out}: " + ("is a folder; name the .parquet file to write" if out.is_dir() else
+                                           f"no folder {out.parent} to write it in (create it first)"))
     base = root_dir(root)
     folders = [open_sweep(s, base) for s in sweeps] if sweeps else list_sweeps(base)
     if not folders:
@@ -223,6 +487,10 @@ def collect(
         err_console.print(f"[yellow]hpt: warning:[/yellow] {p}", highlight=False, soft_wrap=True)
     collecting.write(table, out)
     by_state = Counter(table.column("status").to_pylist())
+    if as_json:
+        print(json.dumps({"path": str(out), "rows": table.num_rows, "sweeps": [f.name for f in folders],
+                          "counts": dict(sorted(by_state.items())), "warnings": list(problems)}, indent=1))
+        return
     console.print(f"wrote {table.num_rows} runs of {', '.join(f.name for f in folders)} to {out} "
                   f"({', '.join(f'{v} {k}' for k, v in sorted(by_state.items()))})", soft_wrap=True)
 
@@ -234,7 +502,8 @@ def cancel(
 ) -> None:
     """Cancel a sweep's pending and running jobs (scancel on SLURM; locally, stop its scheduler).
 
-    Cancelled runs are recorded as such; the next `hpt sweep` launches them again.
+    Cancelled runs are recorded as such; the next `hpt sweep` launches them
+    again.
 
     Examples:
       hpt cancel width
@@ -302,7 +571,7 @@ def analyze(
     if as_json:
         print(json.dumps(summary, indent=1))
     else:
-        print_terminal(summary, console if console.is_terminal else Console(width=200), folder)
+        print_terminal(summary, console, folder)
 
 
 @app.command(rich_help_panel="Analysis")
@@ -338,7 +607,7 @@ def predict(
     if as_json:
         print(json.dumps([as_dict(p) for p in predictions], indent=1))
     else:
-        render(predictions, console if console.is_terminal else Console(width=200))
+        render(predictions, console)
 
 
 @app.command(rich_help_panel="One run")
@@ -348,30 +617,51 @@ def train(
         Path | None, typer.Option("--run-dir", help="Run folder (default: runs/train/<run_id>).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    print_config: PrintConfig = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result record (result.json) as JSON; no "
+                                          "progress bar.")] = False,
 ) -> None:
     """Train one model in this process and write config.yaml, metrics.jsonl and result.json.
 
-    Example: hpt train model.width=256 param=mup optim.lr=0.01 train.steps=300
-    A diverged run (non-finite loss or loss above train.diverge_factor x its initial value)
-    stops early with status 'diverged' and exit code 0: it is a result, not an error.
+    A diverged run (non-finite loss or loss above train.diverge_factor x its
+    initial value) stops early with status 'diverged' and exit code 0: it is
+    a result, not an error. A run folder that already holds a result is not
+    trained again: the cached result is said so and printed.
+
+    Examples:
+      hpt train model.width=256 param=mup optim.lr=0.01 train.steps=300
+      hpt train param=mup --print-config
+      hpt train model.width=64 --json | jq .final_val_loss
     """
     from hptransfer.config.compose import compose_run  # per command
-    from hptransfer.config.frozen import run_id  # per command
+    from hptransfer.config.frozen import run_id, to_yaml  # per command
     from hptransfer.sweeps.store import root_dir  # per command
-    from hptransfer.train.loop import train as train_run  # per command
 
     cfg = compose_run(overrides)
+    if print_config:
+        print(to_yaml(cfg), end="")  # what the run folder's config.yaml will hold
+        return
+    from hptransfer.train.loop import train as train_run  # per command: torch, only to train
+
     folder = run_dir or root_dir() / "train" / run_id(cfg)
-    result = train_run(cfg, folder, progress=not quiet)
+    cached = (folder / "result.json").exists()
+    result = train_run(cfg, folder, progress=not (quiet or as_json or cached))
+    if cached:
+        err_console.print(f"hpt: cached: {folder} already holds this run's result, which is not trained again "
+                          f"(another --run-dir, or removing its result.json, trains it anew)", highlight=False)
+    if as_json:
+        print(json.dumps(result, indent=1, default=str))
     if result["status"] == "failed":
         err_console.print(result["error"].rstrip(), highlight=False)
         raise typer.Exit(1)
+    if as_json:
+        return
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
     console.print(
-        f"[bold]{result['status']}[/bold] run {result['run_id']} in {folder}: "
+        f"[bold]{result['status']}[/bold]{' (cached)' if cached else ''} run {result['run_id']} in {folder}: "
         f"val loss {fmt(result['final_val_loss'])}, train loss {fmt(result['final_train_loss'])}, "
         f"{result['steps']} steps, {result['wall_s']:.1f} s", highlight=False,
     )
@@ -384,11 +674,13 @@ def params(
 ) -> None:
     """Show what the parameterization does to every parameter tensor.
 
-    First the width exponents per class (a: forward multiplier m^-a, b: init std m^-b, c: learning
-    rate m^-c, g: Adam epsilon m^-g), overridden ones marked *; then one row per tensor: shape,
-    class (E embedding, H hidden, R readout, V vector-like), width multiplier m, init std, forward
-    multiplier, learning rate, weight decay, Adam epsilon. Any exponent can be overridden to define
-    a parameterization of one's own (param.exponents.<E|H|R>.<a|b|c|g>); check it with coord-check.
+    First the width exponents per class (a: forward multiplier m^-a, b: init std
+    m^-b, c: learning rate m^-c, g: Adam epsilon m^-g), overridden ones marked
+    *; then one row per tensor: shape, class (E embedding, H hidden, R readout,
+    V vector-like), width multiplier m, init std, forward multiplier, learning
+    rate, weight decay, Adam epsilon. Any exponent can be overridden to define a
+    parameterization of one's own (param.exponents.<E|H|R>.<a|b|c|g>); check it
+    with coord-check.
 
     Examples:
       hpt params param=mup model.width=512 param.base_width=128
@@ -444,35 +736,41 @@ def coord_check(
 ) -> None:
     """The coordinate check: does training change each layer's output the same way at every width (or depth)?
 
-    Trains the model at each scale for a few steps on one fixed batch at a constant, fairly large LR
-    and records, per module (embedding, each attention's logits and output, each MLP, the residual
-    stream, the final norm, the logits) and step: its size mean |h_t|, its change since step 1
-    mean |h_t - h_1| (what the updates did: muP's promise is that this is the same at every width),
-    and the readout's own update (W_t - W_1) x_t (so a wrong readout LR or multiplier cannot hide
-    behind the layers below). Fits the log-log slope of each against the scale, per step.
+    Trains the model at each scale for a few steps on one fixed batch at a
+    constant, fairly large LR and records, per module (embedding, each
+    attention's logits and output, each MLP, the residual stream, the final
+    norm, the logits) and step: its size mean |h_t|, its change since step 1
+    mean |h_t - h_1| (what the updates did: muP's promise is that this is the
+    same at every width), and the readout's own update (W_t - W_1) x_t (so a
+    wrong readout LR or multiplier cannot hide behind the layers below). Fits
+    the log-log slope of each against the scale, per step.
 
-    PASS when every change and the readout's update are flat (|slope| < --tol) and no size grows
-    (init parts may shrink; so may the logits' change, which carries the readout's init part).
-    What each error does: a wrong LR exponent makes its class's change grow or shrink, a wrong
-    multiplier moves its output's change (the readout's update row for R), a wrong init makes a
-    size grow; an abc-symmetric shift of a preset changes nothing and passes. sp fails; mup,
-    mup_everett and completep pass. Along depth (first and last block, residual stream, logits):
-    completep passes; without its residual multiplier (param.exponents.depth.residual=0) or with
-    another LR depth factor (param.exponents.depth.lr) it fails; depth_mup's blocks learn less as
+    PASS when every change and the readout's update are flat (|slope| < --tol)
+    and no size grows (init parts may shrink; so may the logits' change, which
+    carries the readout's init part). What each error does: a wrong LR exponent
+    makes its class's change grow or shrink, a wrong multiplier moves its
+    output's change (the readout's update row for R), a wrong init makes a size
+    grow; an abc-symmetric shift of a preset changes nothing and passes. sp
+    fails; mup, mup_everett and completep pass. Along depth (first and last
+    block, residual stream, logits): completep passes; without its residual
+    multiplier (param.exponents.depth.residual=0) or with another LR depth
+    factor (param.exponents.depth.lr) it fails; depth_mup's blocks learn less as
     they multiply (mL^-1/2), and it fails.
 
-    The check's defaults, each overridable: optim.lr=0.001, optim.grad_clip=0, optim.weight_decay=0,
-    train.batch_size=8, train.seq_len=32, param.base_width=32, model.head_dim=8 (so widths 32-512).
-    Any width exponent can be changed to check a parameterization of one's own:
-    param.exponents.<E|H|R>.<a|b|c|g>, param.exponents.depth.<residual|lr> (see hpt params).
-    Exit code 0: pass, 1: fail, 2: bad input.
+    The check's defaults, each overridable: optim.lr=0.001, optim.grad_clip=0,
+    optim.weight_decay=0, train.batch_size=8, train.seq_len=32,
+    param.base_width=32, model.head_dim=8 (so widths 32-512). Any width exponent
+    can be changed to check a parameterization of one's own:
+    param.exponents.<E|H|R>.<a|b|c|g>, param.exponents.depth.<residual|lr> (see
+    hpt params). Exit code 0: pass, 1: fail, 2: bad input.
 
     Examples:
       hpt coord-check param=mup
-      hpt coord-check param=mup param.exponents.R.c=1         # readout LR / m: fails
+      hpt coord-check param=mup param.exponents.R.c=1    # readout LR / m: fails
       hpt coord-check param=sp --plot sp.png
       hpt coord-check param=completep --axis depth
-      hpt coord-check param=completep model.n_layers=4 --widths 128,256,512,1024,2048 --json
+      hpt coord-check param=completep model.n_layers=4 \\
+          --widths 128,256,512,1024,2048 --json
     """
     from hptransfer.train import coord  # per command
 
@@ -502,8 +800,12 @@ def coord_check(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    if ({"-h", "--help"} & set(sys.argv[1:]) or len(sys.argv) < 2) and not sys.stdout.isatty():
+        from typer import rich_utils  # here: only help needs it; piped, help is laid out at 80 columns
+
+        rich_utils.MAX_WIDTH = rich_utils.MAX_WIDTH or 80  # every help line is written to fit (examples too)
     try:
-        app()
+        app(prog_name="hpt")  # completion scripts and usage lines say `hpt`, however it was started
     except HptError as err:
         err_console.print(f"[red]hpt: error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)

@@ -1,33 +1,130 @@
-"""Files: atomic writes (a reader sees the old file or the new one, never half of either), JSON-lines
-reading that survives a torn line, and rows to Arrow."""
+"""Files: atomic writes (a reader sees the old file or the new one, never half of either), appends of
+whole lines, JSON-lines reading that survives a torn line, disk-full errors, and rows to Arrow.
+
+Every file is created with mode 0666 and every folder with 0777, less the umask (as `open` and
+`mkdir` do): on a group project folder with umask 0002, collaborators read and write the results.
+"""
 
 import ctypes
+import errno
+import fcntl
 import io
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from contextlib import suppress
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hptransfer.errors import HptError
+
 if TYPE_CHECKING:  # imported where used: a training job writes files, it needs no Arrow
     import pyarrow as pa
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_EXIT = 75  # EX_TEMPFAIL: a job stopped by a full disk (no result: the same command resumes it)
+
+
+class DiskFull(HptError, OSError):
+    """No space left (or quota exceeded) while writing: one line saying where and how much; the
+    command that hit it resumes once space is freed. Also an OSError, with the errno it came from."""
+
+    def __init__(self, message: str, code: int = errno.ENOSPC):
+        OSError.__init__(self, code, message)
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Is this error (or one it was raised from, e.g. inside torch.save) a full disk or quota?"""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def disk_full_error(err: BaseException, where: Path | str, needed: int | None = None) -> DiskFull:
+    """The one-line DiskFull for a failed write of `needed` bytes to `where`."""
+    if isinstance(err, DiskFull):
+        return err
+    code = next((e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS),
+                errno.ENOSPC)
+    what = "disk quota exceeded" if code == errno.EDQUOT else "disk full"
+    need = f"{human_bytes(needed)} needed, " if needed else ""
+    free = free_bytes(where)
+    have = f"{human_bytes(free)} free" if free is not None else "free space unknown"
+    return DiskFull(f"{what}: could not write {where} ({need}{have}); free some space and run the same "
+                    f"command again: it resumes where it stopped", code)
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and len(out) < 8:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes free to this user on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        with suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # unreachable
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path`, mode 0666 less the umask (mkstemp's 0600 would survive the rename)."""
+    while True:
+        tmp = f"{path.parent}/.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync'd, then renamed."""
+    """Write `data` to `path` through a temp file in the same folder, fsync'd, then renamed.
+
+    A full disk is a DiskFull naming the file and the bytes it needed; the temp file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    blob = data.encode() if isinstance(data, str) else data
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+        try:
+            _write_all(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if disk_full(err):
+            raise disk_full_error(err, path, len(blob)) from err
         raise
 
 
@@ -49,42 +146,75 @@ def write_many_atomic(files: dict[Path, str | bytes]) -> None:
             folder = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
             tmp = f"{folder}/.{os.path.basename(path)}.{os.getpid()}-{i}.tmp"  # O_EXCL: never another's
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags, 0o666)  # less the umask, as any new file
             tmps.append((tmp, str(path)))
             try:
-                view = memoryview(data.encode() if isinstance(data, str) else data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data.encode() if isinstance(data, str) else data)
             finally:
                 os.close(fd)
         if tmps:
             sync_filesystem(Path(tmps[0][1]).parent)
         for tmp, path in tmps:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         for tmp, _ in tmps:
             Path(tmp).unlink(missing_ok=True)
+        if disk_full(err) and files:
+            needed = sum(len(d) for d in files.values())
+            first = Path(next(iter(files)))
+            where = first if len(files) == 1 else f"{len(files)} files under {first.parent.parent}"
+            raise disk_full_error(err, where, needed) from err
         raise
+
+
+def append_lines(path: Path | str, text: str | bytes) -> None:
+    """Append whole lines in one write: on a fresh line, and all of them or none.
+
+    Under an exclusive lock on the file, its last byte is checked and a newline added when a writer
+    killed mid-line left a torn one (the torn line stays unreadable; the new records do not join it).
+    A write that fails (a full disk) is cut off again, so no half line is left behind. Concurrent
+    appenders never interleave. A full disk is a DiskFull naming the file.
+    """
+    data = text.encode() if isinstance(text, str) else text
+    if not data:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            _write_all(fd, data)
+        except BaseException as err:
+            with suppress(OSError):
+                os.ftruncate(fd, size)  # all or nothing (truncating never needs space)
+            if disk_full(err):
+                raise disk_full_error(err, path, len(data)) from err
+            raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def json_lines(path: Path | str) -> list[Any]:
     """The records of a JSON-lines file, in one parse; line by line (skipping torn ones) only when needed.
 
-    A missing file has no records. A line torn by a writer killed mid-write is skipped, never fatal.
+    A missing file has no records. A line torn by a writer killed mid-write, or one that is not
+    UTF-8, is skipped, never fatal. Records are JSON values: callers check their shape.
     """
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return []
-    lines = text.splitlines()
+    lines = data.splitlines()
     try:
-        return json.loads("[" + ",".join(lines) + "]")
-    except json.JSONDecodeError:
+        return json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:  # a torn line (JSONDecodeError) or bytes that are not UTF-8 (UnicodeDecodeError)
         records = []
         for line in lines:
-            with suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
+            with suppress(ValueError):
+                records.append(json.loads(line.decode()))  # UTF-8 only (bytes would be sniffed for UTF-16)
         return records
 
 

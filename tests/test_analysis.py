@@ -154,7 +154,7 @@ def test_edge_optimum_is_flagged_with_the_points_to_add(tmp_path: Path) -> None:
     assert all(not o.edge for s, o in by_scale(result).items() if s != 1024)
     assert 1024 not in result.law.scales  # an edge optimum is a bound: the law does not use it
     assert abs(result.law.b + 1.0) < 0.02
-    assert any("low edge" in w and "add lr 0.000244, 0.000488" in w for w in result.warnings)
+    assert any("low edge" in w and "add lr 0.000244 (2^-12), 0.000488 (2^-11)" in w for w in result.warnings)
 
 
 def test_law_is_null_with_fewer_than_two_interior_optima(tmp_path: Path) -> None:

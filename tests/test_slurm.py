@@ -2,17 +2,20 @@
 
 All sweeps are submitted at once by one fixture (they run side by side on the node's 8 CPUs),
 then each test waits for its own. Skipped only where there is no SLURM and CI is not "true".
+The last tests cut an `hpt sweep` between sbatch and its record (a SIGKILL in a subprocess) and
+check that the next command adopts or cancels the array it left, never running a point twice.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -28,21 +31,27 @@ ENDLESS = ["optim.lr=0.004", "param=sp", "train.steps=1000000", "train.log_every
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def cluster() -> None:
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but no SLURM cluster answers: .ci/run must start ../shared/slurm/setup-slurm.sh")
         pytest.skip("no SLURM cluster here (sinfo)")
+
+
+@pytest.fixture(scope="module")
+def root(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("slurm")
     (base / "tiny.yaml").write_text(TINY_SWEEP)
-    bad = base / "bad_tokens.bin"
-    np.full(4096, 300, dtype=np.uint16).tofile(bad)  # token ids beyond the vocabulary: training raises
     runs = base / "runs"
     submissions = {
         # the requeue run first: it needs the most wall time
-        "requeue": [*ENDLESS, "launcher.timeout_min=1", "launcher.signal_delay_s=20", "launcher.gpus_per_node=1"],
+        # checkpoints every ~1 s and requeues enough: SLURM may send the signal up to a minute early
+        "requeue": [*(a for a in ENDLESS if "checkpoint_every" not in a), "train.checkpoint_every=100",
+                    "launcher.timeout_min=1", "launcher.signal_delay_s=20", "launcher.gpus_per_node=1",
+                    "launcher.max_requeue=10"],
         "array": ["optim.lr=0.004,0.008", "param=sp,mup", "launcher.max_array_size=3"],  # split: 3 + 1
-        "fail": ["optim.lr=0.004", "param=sp", "data=tokens", f"data.path={bad}", "data.vocab_size=256"],
+        # a GPU asked of a node without CUDA: passes submission (a login node has none either), fails in the job
+        "fail": ["optim.lr=0.004", "param=sp", "train.device=cuda"],
         "scancel": ENDLESS,
     }
     for name, args in submissions.items():
@@ -84,6 +93,21 @@ def no_sacct_path(tmp: Path) -> str:
     return str(bin_dir)
 
 
+def attempt_outs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "logs").glob("attempt-*.out"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def assert_own_attempt_logs(run_dir: Path) -> None:
+    """Each attempt writes its own logs/attempt-N.out (SLURM appends them all to one file of submitit's)."""
+    outs = attempt_outs(run_dir)
+    assert len(outs) >= 2 and not any(p.is_symlink() for p in outs)
+    assert "hpt: resuming from" not in outs[0].read_text()  # the first attempt started from step 0
+    assert "hpt: resuming from" in "".join(p.read_text() for p in outs[1:])
+    submitit_log = next((run_dir.parent / "slurm").glob("*/*_log.out")).read_text()
+    for n in (1, 2):  # where to look, said where SLURM writes
+        assert f"hpt: attempt {n} of run {run_dir.name} writes to" in submitit_log
+
+
 def wait_for_file(path: Path, timeout: float) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -108,10 +132,10 @@ def test_an_array_of_runs_completes_and_status_shows_it(root):
 
 def test_a_failing_run_surfaces_its_traceback(root):
     (run,) = wait_states(root, "fail", {"failed"}).values()
-    assert run["reason"].startswith("IndexError")
-    assert "Traceback" in run["log_tail"] and "embedding" in run["log_tail"]
+    assert run["reason"].startswith("HptError: config key 'train.device': cuda requested")
+    assert "Traceback" in run["log_tail"] and "pick_device" in run["log_tail"]
     text = cli("status", "fail", "--root", str(root)).stdout
-    assert "failed" in text and "IndexError" in text
+    assert "failed" in text and "cuda requested" in text
 
 
 def test_preemption_requeues_then_scancel_shows_cancelled(root, tmp_path):
@@ -127,6 +151,7 @@ def test_preemption_requeues_then_scancel_shows_cancelled(root, tmp_path):
     while "hpt: resuming from" not in (run_dir / "logs" / "attempt-2.out").read_text() and time.time() < deadline:
         time.sleep(0.5)
     assert "hpt: resuming from" in (run_dir / "logs" / "attempt-2.out").read_text()
+    assert_own_attempt_logs(run_dir)
     subprocess.run(["scancel", run["job_id"]], check=True)
     (run,) = wait_states(root, "scancel", {"cancelled"}, timeout=60).values()
     assert run["reason"] == "cancelled (scancel)"
@@ -135,26 +160,15 @@ def test_preemption_requeues_then_scancel_shows_cancelled(root, tmp_path):
 def test_a_timed_out_run_is_requeued_and_resumes_from_its_checkpoint(root):
     (run_id,) = states(root, "requeue")
     run_dir = root / "requeue" / run_id
-
-    def heartbeat() -> dict:
-        try:
-            return json.loads((run_dir / "heartbeat.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    deadline = time.time() + 150
-    first = heartbeat()
-    while time.time() < deadline and not (run_dir / "logs" / "attempt-2.out").exists():
-        first = heartbeat() or first
+    # SLURM may signal up to a minute early (its event resolution), even before an attempt's first
+    # checkpoint: wait for the first requeued attempt that had one to resume from.
+    deadline, resumed = time.time() + 180, None
+    while time.time() < deadline and resumed is None:
+        resumed = next((p for p in attempt_outs(run_dir)[1:] if "hpt: resuming from" in p.read_text()), None)
         time.sleep(0.5)
-    assert (run_dir / "logs" / "attempt-2.out").exists(), "not requeued within 150 s"
-    cut_at = first["step"]
-    while time.time() < deadline + 60 and heartbeat().get("pid", first["pid"]) == first["pid"]:
-        time.sleep(0.2)
-    resumed = heartbeat()
-    assert resumed["pid"] != first["pid"], "the requeued attempt never trained"
-    assert resumed["step"] >= cut_at // 2 > 0  # it went on from its checkpoint, not from step 0
-    assert "hpt: resuming from" in (run_dir / "logs" / "attempt-2.out").read_text()
+    assert resumed is not None, f"no requeued attempt resumed within 180 s: {attempt_outs(run_dir)}"
+    assert_own_attempt_logs(run_dir)
+    assert not (run_dir / "result.json").exists()  # a requeue is never a result (nor a failure)
     (run,) = states(root, "requeue").values()
     # Still held by its job; SLURM may already have cut the second attempt too (each gets < 1 min).
     assert run["state"] in ("running", "pending") and run["attempts"] >= 2
@@ -168,7 +182,7 @@ def test_a_refused_submission_is_one_line_and_launches_nothing(root):
               "optim.lr=0.004", "param=sp", "launcher.partition=no_such_partition")
     assert_one_line_error(res, "sbatch refused the job array")
     (run,) = states(root, "refused").values()
-    assert (run["state"], run["reason"]) == ("pending", "not launched")
+    assert (run["state"], run["reason"]) == ("pending", "not launched (sbatch did not take its array)")
 
 
 def test_collect_reads_it_all(root, tmp_path):
@@ -185,3 +199,91 @@ def test_collect_reads_it_all(root, tmp_path):
     assert all(r["curve_loss"] and r["job_id"] and r["flops"] > 0 for r in done)
     assert {r["parameterization"] for r in done} == {"sp", "mup"}
 
+
+
+# ---- an `hpt sweep` killed between sbatch and its record ------------------------------------------------
+
+# Run `hpt sweep` in a subprocess whose process dies (SIGKILL) at a chosen point after sbatch accepted the array.
+KILLED_SWEEP = """
+import os, signal, sys
+{patch}
+from hptransfer.cli import main
+sys.argv = ["hpt", *sys.argv[1:]]
+main()
+"""
+# After submitit has handed every task its run, before the array is recorded in jobs.jsonl.
+BEFORE_RECORD = """
+from hptransfer.sweeps.store import SweepFolder
+append = SweepFolder.append_jobs
+def append_or_die(self, records):
+    if records and records[0].get("event") == "submitted":
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(self, records)
+SweepFolder.append_jobs = append_or_die
+"""
+# Right after sbatch returned, before submitit renames its files (no task will find its run).
+BEFORE_HANDOVER = """
+from submitit.core import utils
+def move_or_die(self, tmp_path, name, keep_as_symlink=False):
+    os.kill(os.getpid(), signal.SIGKILL)
+utils.JobPaths.move_temporary_file = move_or_die
+"""
+
+
+def killed_sweep(patch: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLED_SWEEP.replace("{patch}", patch), "sweep", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+
+
+def job_records(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (root / name / "jobs.jsonl").read_text().splitlines()]
+
+
+def queued_arrays(name: str) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-n", f"hpt-{name}", "-o", "%F"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def ghost_args(tmp_path: Path, name: str) -> list[str]:
+    (tmp_path / "tiny.yaml").write_text(TINY_SWEEP)
+    return [str(tmp_path / "tiny.yaml"), "--name", name, "--root", str(tmp_path / "runs"), *ON,
+            "optim.lr=0.004,0.008", "param=sp"]
+
+
+def test_an_array_sbatch_took_but_no_one_recorded_is_adopted_never_launched_twice(cluster, tmp_path):
+    name, root = "ghost-adopt", tmp_path / "runs"
+    args = ghost_args(tmp_path, name)
+    killed_sweep(BEFORE_RECORD, *args)
+    assert {r["event"] for r in job_records(root, name)} == {"submitting"}  # the intent, and nothing more
+    (array,) = {p.name.split("_")[0] for p in (root / name / "slurm").glob("*/*_submission.sh")}
+    runs = states(root, name)  # hpt status finds the array and adopts it
+    assert sorted(r["job_id"] for r in runs.values()) == [f"{array}_0", f"{array}_1"]
+    assert {r["state"] for r in runs.values()} <= {"pending", "running", "completed"}
+    again = cli("sweep", *args)
+    assert again.returncode == 0 and "0 of 2 runs submitted" in again.stdout, again.stdout + again.stderr
+    runs = wait_states(root, name, {"completed"}, timeout=240)
+    assert all(r["attempts"] == 1 for r in runs.values())  # each point ran once, in the adopted array
+    submitted = [r for r in job_records(root, name) if r["event"] == "submitted"]
+    assert {r["job_id"].split("_")[0] for r in submitted} == {array} and all(r["adopted"] for r in submitted)
+
+
+def test_an_array_cut_before_submitit_handed_over_its_runs_is_cancelled_and_relaunched_once(cluster, tmp_path):
+    name, root = "ghost-cancel", tmp_path / "runs"
+    args = ghost_args(tmp_path, name)
+    killed_sweep(BEFORE_HANDOVER, *args)
+    (ghost,) = queued_arrays(name)  # sbatch took it; its tasks wait for pickles that never come
+    assert not list((root / name / "slurm").glob("*/*_submission.sh"))
+    again = cli("sweep", *args)  # finds the ghost through squeue, cancels it, launches the runs once
+    assert again.returncode == 0 and "2 of 2 runs submitted" in again.stdout, again.stdout + again.stderr
+    records = job_records(root, name)
+    cancelled = sorted(r["job_id"] for r in records if r["event"] == "cancelled")
+    assert cancelled == [f"{ghost}_0", f"{ghost}_1"]
+    (new,) = {r["job_id"].split("_")[0] for r in records if r["event"] == "submitted"}
+    assert new != ghost
+    deadline = time.time() + 60
+    while ghost in queued_arrays(name) and time.time() < deadline:
+        time.sleep(1)
+    assert ghost not in queued_arrays(name)
+    runs = wait_states(root, name, {"completed"}, timeout=240)
+    assert all(r["attempts"] == 1 and r["job_id"].startswith(f"{new}_") for r in runs.values())

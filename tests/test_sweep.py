@@ -180,7 +180,7 @@ def test_shipped_sweep_files_expand(name):
 def test_dry_run_shows_grid_and_compute_and_launches_nothing(tiny, tmp_path):
     res = cli("sweep", str(tiny), "--dry-run", "--root", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
-    assert "40 runs" in res.stdout and "2^-7.5" in res.stdout and "GPU-hours" in res.stdout
+    assert "40 runs" in res.stdout and "2^-7.5" in res.stdout and "estimate: 40 runs to launch" in res.stdout
     assert "FLOPs" in res.stdout
     assert not (tmp_path / "runs").exists()
 

@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from hptransfer.config.compose import compose_run
+from hptransfer.config.frozen import identity_json, run_config, run_id
+from hptransfer.config.schema import LATER_KEYS
+from hptransfer.sweeps import collect
 from hptransfer.train import loop
 from hptransfer.train.data import make_batches, shakespeare_bytes
 from hptransfer.train.optim import AdamAtan2, lr_factor
@@ -23,6 +27,11 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_sp_curve.json"
 def curve(run_dir: Path) -> list[float]:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
 def train(tmp_path: Path, name: str, *overrides: str) -> dict:
@@ -139,7 +148,7 @@ class Preempted(BaseException):
 
 
 def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, monkeypatch):
-    args = ["train.checkpoint_every=5", "train.steps=20"]
+    args = ["train.checkpoint_every=5", "train.steps=20", "train.eval_every=4"]
     train(tmp_path, "whole", *args)
     real = loop.lr_factor
 
@@ -155,6 +164,8 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, monkeypa
     monkeypatch.setattr(loop, "lr_factor", real)
     resumed = train(tmp_path, "cut", *args)
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
+    assert val_curve(tmp_path / "cut") == val_curve(tmp_path / "whole") and len(val_curve(tmp_path / "cut")) == 5
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert resumed["clip_fraction"] == json.loads((tmp_path / "whole" / "result.json").read_text())["clip_fraction"]
     assert resumed["final_val_loss"] == json.loads((tmp_path / "whole" / "result.json").read_text())["final_val_loss"]
 
@@ -187,6 +198,8 @@ def test_loss_curve_matches_the_golden_file(tmp_path):
         (["model.q_per_kv=1", "model.n_kv_heads=1"], "at most one"),
         (["param=completep", "init.scheme=constant"], "init.scheme"),
         (["scaling.duration.wd_rule=power"], "scaling.timescale.c"),
+        (["train.eval_every=-1"], "train.eval_every"),
+        (["train.eval_batches=0"], "train.eval_batches"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
@@ -226,3 +239,56 @@ def test_result_records_the_decay_rules(tmp_path):
     assert eff["duration_rule"]["r"] == 2 and eff["duration_rule"]["wd_factor"] == 0.5
     assert eff["weight_decay"] == pytest.approx(0.05)
     assert eff["wd_timescale"]["fraction"] == pytest.approx(1 / (0.004 * 0.05 * 40))  # 40 steps of 4 x 32 tokens
+
+
+def test_periodic_evaluations_record_the_val_curve_and_change_no_training(tmp_path):
+    none = train(tmp_path, "none", "train.eval_every=0")
+    every = train(tmp_path, "every", "train.eval_every=3", "train.eval_batches=2")
+    assert val_curve(tmp_path / "none") == [(20, none["final_val_loss"])]  # 0: only the final one, as before
+    steps = [s for s, _ in val_curve(tmp_path / "every")]
+    assert steps == [3, 6, 9, 12, 15, 18, 20]  # the final one stays the final evaluation (train.val_batches)
+    assert val_curve(tmp_path / "every")[-1] == (20, every["final_val_loss"])
+    # Evaluating along the way trains the same model: the same losses, the same final validation loss.
+    assert curve(tmp_path / "every") == curve(tmp_path / "none") and every["final_val_loss"] == none["final_val_loss"]
+    # Each evaluation follows the training step before it: the file is in step order.
+    rows = [json.loads(ln) for ln in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] - ("val_loss" in r) for r in rows] == sorted(r["step"] - ("val_loss" in r) for r in rows)
+    vals = [v for _, v in val_curve(tmp_path / "every")]
+    assert vals[0] > vals[-2] and all(math.isfinite(v) for v in vals)  # it learns
+
+
+def test_the_default_run_evaluates_along_the_way_and_old_ids_stay():
+    """train.eval_every and train.eval_batches are later keys: at their defaults a run keeps the id it had."""
+    cfg = compose_run([])
+    assert cfg.train.eval_every == LATER_KEYS["train.eval_every"] == 50 and cfg.train.steps == 200
+    assert cfg.train.eval_batches == LATER_KEYS["train.eval_batches"] == 4
+    assert "eval_" not in identity_json(run_config(cfg))
+    assert run_id(compose_run(["train.eval_every=25"])) != run_id(cfg)
+
+
+def test_a_diverged_run_records_evaluations_only_before_it_diverged(tmp_path):
+    r = train(tmp_path, "d", "optim.lr=10", "train.eval_every=1", "train.log_every=5")
+    assert r["status"] == "diverged"
+    steps = [s for s, _ in val_curve(tmp_path / "d")]
+    assert all(s < r["diverged_at_step"] for s in steps) and steps == list(range(1, r["diverged_at_step"]))
+
+
+def test_collect_has_the_val_curve_beside_the_training_curve(tmp_path):
+    """curve_val_step / curve_val_loss from the same one bulk parse; file by file gives the same."""
+    train(tmp_path, "a", "train.eval_every=4")
+    train(tmp_path, "b", "train.eval_every=0")
+    (tmp_path / "c").mkdir()  # running: a line being appended
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n{"step": 1, "val_loss": 5.2}\n{"st')
+    dirs = [str(tmp_path / n) for n in ("a", "b", "c", "missing")]
+    step, loss, val_step, val_loss = collect.all_curves(dirs)
+    assert step.type == collect.SCHEMA.field("curve_step").type and val_step.type == pa.list_(pa.int64())
+    assert val_loss.type == collect.SCHEMA.field("curve_val_loss").type == pa.list_(pa.float64())
+    for i, d in enumerate(dirs[:2]):
+        assert list(zip(val_step[i].as_py(), val_loss[i].as_py(), strict=True)) == val_curve(Path(d))
+        assert loss[i].as_py() == curve(Path(d))
+    assert val_step.to_pylist() == [[4, 8, 12, 16, 20], [20], [1], []]
+    assert [collect.curve(Path(d), "val_loss")[0] for d in dirs] == val_step.to_pylist()  # the per-file reader
+    assert step.to_pylist()[2] == [0]  # a validation line is no training step
+    # A null validation loss: read file by file, still both curves.
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 0, "loss": 5.5}\n{"step": 1, "val_loss": null}\n')
+    assert [a.to_pylist() for a in collect.all_curves(dirs[2:3])] == [[[0]], [[5.5]], [[1]], [[None]]]

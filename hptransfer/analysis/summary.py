@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hptransfer import formats
 from hptransfer.analysis.optimum import quantile
 
 if TYPE_CHECKING:  # analyze formats its warnings with the functions below: it imports this module
@@ -116,7 +117,8 @@ def jsonable(obj: Any) -> Any:
 
 
 def fmt_lr(lr: float | None) -> str:
-    return "-" if lr is None else f"{lr:.3g}"
+    """The one learning-rate format of every command (hptransfer/formats.py): 3 significant digits, + 2^k."""
+    return formats.fmt_lr(lr)
 
 
 def fmt_scale(scale: float | None) -> str:

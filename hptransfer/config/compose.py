@@ -5,16 +5,38 @@ overrides)` composes a user's file (a sweep file) whose `defaults` name `config`
 package's groups on the search path. Both return a validated `DictConfig`.
 """
 
+import re
+from functools import cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config.schema import RunConfig, error_message, validate
+from hptransfer.config.schema import RunConfig, error_message, is_key, nearest_key, unknown_key_message, validate
 from hptransfer.errors import HptError
 
 GROUPS_DIR = Path(__file__).parent / "groups"
+# Hydra's answer to an override of a key the config lacks: "use +key=value", which only fails later.
+NO_SUCH_KEY = re.compile(r"Could not override '([^']+)'\.\s+To append to your config use \+")
+
+
+@cache
+def launcher_keys() -> tuple[str, ...]:
+    """The keys of every launcher group (launcher.partition, launcher.jobs, ...): the schema holds only the name."""
+    return tuple(sorted({f"launcher.{k}" for f in GROUPS_DIR.glob("launcher/*.yaml")
+                         for k in OmegaConf.load(f)}))
+
+
+def _message(err: Exception) -> str:
+    """Hydra's error in one line; for a key that does not exist, the nearest keys that do instead of '+key'."""
+    text = str(err)
+    missing = NO_SUCH_KEY.search(text)
+    key = missing.group(1) if missing else ""
+    run_key = key.split(".")[0] in RunConfig.__dataclass_fields__ or nearest_key(key, launcher_keys())
+    if missing and run_key and not is_key(key, launcher_keys()):  # a sweep file's own blocks: Hydra's message
+        return unknown_key_message(key, launcher_keys())
+    return error_message(err)
 
 
 def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
@@ -28,7 +50,7 @@ def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     except HptError:
         raise
     except Exception as err:  # Hydra raises many types; all mean "this config is wrong"
-        raise HptError(error_message(err)) from None
+        raise HptError(_message(err)) from None
     finally:
         GlobalHydra.instance().clear()
     return cfg

@@ -6,17 +6,18 @@ onto `SCHEMA` (an unknown key or a wrong type fails) and its values and shapes a
 `config/groups/`; docs/design.md#configuration lists the keys.
 """
 
+import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from hptransfer.config.derived import heads_and_dim
+from hptransfer.config.derived import flatten, heads_and_dim
 from hptransfer.errors import HptError
 
 
@@ -129,6 +130,8 @@ class TrainConfig:
     val_batches: int = 16
     diverge_factor: float = 3.0
     checkpoint_every: int = 0
+    eval_every: int = 50  # steps between validation evaluations (0: only the final one)
+    eval_batches: int = 4  # the fixed validation batches of those periodic evaluations
 
 
 @dataclass
@@ -219,6 +222,8 @@ LATER_KEYS: dict[str, Any] = {
     "scaling.timescale.unit": "fraction",
     "scaling.timescale.c": None,
     "scaling.timescale.p": None,
+    "train.eval_every": 50,
+    "train.eval_batches": 4,
 }
 
 SCHEMA = OmegaConf.structured(RunConfig)
@@ -245,8 +250,47 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
 
 def _schema_message(err: OmegaConfBaseException, prefix: str = "") -> str:
     key = getattr(err, "full_key", None)
-    msg = error_message(err)
-    return f"config key '{prefix}{key}': {msg}" if key else msg
+    if not key:
+        return error_message(err)
+    key = key if not prefix or key.startswith(prefix) else f"{prefix}{key}"  # a section's node knows its path
+    if isinstance(err, ConfigKeyError | ConfigAttributeError) and not is_key(key):
+        return unknown_key_message(key)
+    return f"config key '{key}': {error_message(err)}"
+
+
+@cache
+def dotted_keys() -> tuple[str, ...]:
+    """Every key of the run config as the command line spells it (model.width, param.lr_mult.E, launcher)."""
+    return tuple(flatten(OmegaConf.to_container(SCHEMA)))
+
+
+def is_key(key: str, extra: Iterable[str] = ()) -> bool:
+    """A key of the run config, or a section of keys (model, param.lr_mult)."""
+    return any(k == key or k.startswith(f"{key}.") for k in (*dotted_keys(), *extra))
+
+
+def nearest_key(key: str, extra: Iterable[str] = ()) -> str | None:
+    """The key of the run config nearest to a mistyped one (difflib), or None when none is near."""
+    keys = [*dotted_keys(), *extra]
+    section, _, rest = key.partition(".")
+    known = sorted({k.partition(".")[2] for k in keys if k.startswith(f"{section}.")})
+    if known and rest:  # a known section: match the rest among its keys (a shared prefix says nothing)
+        close = [f"{section}.{c}" for c in difflib.get_close_matches(rest, known, n=1, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_key_message(key: str, extra: Iterable[str] = ()) -> str:
+    """'config key 'model.widht' does not exist: did you mean model.width?' (the nearest key of the schema)."""
+    near = nearest_key(key, extra)
+    if near:
+        return f"config key '{key}' does not exist: did you mean {near}?"
+    section = key.split(".")[0]
+    known = sorted({k.split(".")[1] for k in [*dotted_keys(), *extra] if k.startswith(f"{section}.")})
+    sections = ", ".join(RunConfig.__dataclass_fields__)
+    where = f"{section} has: {', '.join(known)}" if known else f"the sections are: {sections}"
+    return f"config key '{key}' does not exist ({where})"
 
 
 def typed_value(key: str, value: Any) -> Any:
@@ -254,7 +298,7 @@ def typed_value(key: str, value: Any) -> Any:
     would make it); an unknown key or a wrong type is an HptError naming the key."""
     section, *path = key.split(".")
     if section not in SCHEMA or not path:
-        raise HptError(f"config key '{key}': not a key of the run config")
+        raise HptError(f"config key '{key}': not a key of the run config" if is_key(key) else unknown_key_message(key))
     nested: Any = value
     for part in reversed(path):
         nested = {part: nested}
@@ -269,7 +313,7 @@ def typed_value(key: str, value: Any) -> Any:
 
 POSITIVE = ("model.width", "model.n_layers", "model.max_seq_len", "param.base_width", "param.base_depth",
             "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.final_window",
-            "train.val_batches", "data.vocab_size", "optim.lr", "init.std", "model.mlp_ratio")
+            "train.val_batches", "train.eval_batches", "data.vocab_size", "optim.lr", "init.std", "model.mlp_ratio")
 
 
 @cache
@@ -297,7 +341,7 @@ def check_values(c: dict[str, Any]) -> None:
     t, m = c["train"], SimpleNamespace(**c["model"])
     if t["tokens"] is not None and t["tokens"] < t["batch_size"] * t["seq_len"]:
         raise bad("train.tokens", f"{t['tokens']} is less than one batch ({t['batch_size']} x {t['seq_len']})")
-    for key in ("optim.weight_decay", "optim.eps", "optim.grad_clip", "train.checkpoint_every"):
+    for key in ("optim.weight_decay", "optim.eps", "optim.grad_clip", "train.checkpoint_every", "train.eval_every"):
         if get(key) < 0:
             raise bad(key, "must be >= 0")
     for key in ("optim.beta1", "optim.beta2"):

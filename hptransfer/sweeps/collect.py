@@ -22,9 +22,9 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from hptransfer.config.schema import RunConfig
-from hptransfer.files import arrow_table, json_lines, write_atomic
+from hptransfer.files import arrow_table, write_atomic
 from hptransfer.sweeps.state import run_states
-from hptransfer.sweeps.store import RunState, SweepFolder
+from hptransfer.sweeps.store import RunState, SweepFolder, read_metrics
 
 RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("run_id", pa.string()), ("sweep", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -46,7 +46,10 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("env.host", pa.string()), ("env.git_commit", pa.string()), ("env.git_dirty", pa.bool_()),
 ]
 CURVE_COLUMNS: list[tuple[str, pa.DataType]] = [("curve_step", pa.list_(pa.int64())),
-                                                 ("curve_loss", pa.list_(pa.float64()))]
+                                                 ("curve_loss", pa.list_(pa.float64())),
+                                                 # the validation curve: every train.eval_every steps, then the final
+                                                 ("curve_val_step", pa.list_(pa.int64())),
+                                                 ("curve_val_loss", pa.list_(pa.float64()))]
 ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
@@ -95,23 +98,29 @@ SCHEMA = pa.schema(RESULT_COLUMNS + CONFIG_COLUMNS + CURVE_COLUMNS)
 CURVE_LINE = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("val_loss", pa.float64())])
 
 
-def curve(run_dir: Path) -> tuple[list[int], list[float | None]]:
-    """The training loss per step from metrics.jsonl (a torn line is skipped)."""
-    try:
-        records = json_lines(run_dir / "metrics.jsonl")
-    except OSError:
-        return [], []
-    curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+def curve(run_dir: Path, key: str = "loss") -> tuple[list[int], list[float | None]]:
+    """The training loss per step from metrics.jsonl (a line being appended is not read yet; a file with a
+    bad line has no curve: store.read_metrics); key="val_loss": the validation loss at each evaluation."""
+    records, _ = read_metrics(run_dir)
+    curve = [(r["step"], r[key]) for r in records if key in r]
     return [s for s, _ in curve], [v for _, v in curve]
 
 
 def curves(run_dirs: list[str]) -> tuple[pa.Array, pa.Array]:
-    """Every run's loss curve as two list columns, parsed in one go by Arrow's JSON reader.
+    """Every run's training loss curve as two list columns (`all_curves`' first two)."""
+    return all_curves(run_dirs)[:2]
+
+
+def all_curves(run_dirs: list[str], problems: list[str] | None = None
+               ) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """Every run's training and validation curves as four list columns (step, loss, val step, val loss),
+    parsed in one go by Arrow's JSON reader.
 
     Each file is cut after its last newline (a line being appended is not yet part of the curve);
-    a validation line ({step, val_loss}) is no training step. Should the bulk parse fail (a line torn
-    inside a file), or a file hold a line the columns cannot tell apart (a null val_loss), the files
-    are read one by one with `curve`.
+    a validation line ({step, val_loss}) is no training step, it goes to the validation curve. Should
+    the bulk parse fail (a line torn inside a file), or a file hold a line the columns cannot tell apart
+    (a null val_loss), the files are read one by one with `curve`, and a file with a bad line (not UTF-8,
+    not an object, a value of the wrong type) is named in `problems`, its curves skipped.
     """
     blobs = []
     for d in run_dirs:
@@ -128,20 +137,32 @@ def curves(run_dirs: list[str]) -> tuple[pa.Array, pa.Array]:
         options = pa_json.ParseOptions(explicit_schema=CURVE_LINE, unexpected_field_behavior="ignore")
         lines = pa_json.read_json(io.BytesIO(b"".join(blobs)), parse_options=options) if counts.sum() \
             else CURVE_LINE.empty_table()
+        if lines.num_rows != counts.sum():  # a blank line, or two objects on one: rows would shift between runs
+            raise ValueError("lines and rows differ")
     except (pa.ArrowInvalid, ValueError):
+        if problems is not None:
+            problems += [f"{Path(d).parent.name}/{Path(d).name}: {why}: curve skipped" for d in run_dirs
+                         if (why := read_metrics(d)[1])]
         per_run = [curve(Path(d)) for d in run_dirs]
+        per_run_val = [curve(Path(d), "val_loss") for d in run_dirs]
         return (pa.array([s for s, _ in per_run], pa.list_(pa.int64())),
-                pa.array([v for _, v in per_run], pa.list_(pa.float64())))
+                pa.array([v for _, v in per_run], pa.list_(pa.float64())),
+                pa.array([s for s, _ in per_run_val], pa.list_(pa.int64())),
+                pa.array([v for _, v in per_run_val], pa.list_(pa.float64())))
     # numpy <-> Arrow through raw buffers: Arrow's conversions of numpy or Python values import pandas.
     mask = pc.is_null(lines.column("val_loss")).combine_chunks()
     bits = np.unpackbits(np.frombuffer(mask.buffers()[1], np.uint8), bitorder="little")
     keep = bits[mask.offset:mask.offset + len(mask)].astype(bool)
     run_of_line = np.repeat(np.arange(len(run_dirs)), counts)
     kept = np.bincount(run_of_line[keep], minlength=len(run_dirs))
-    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
-    offsets = pa.Array.from_buffers(pa.int32(), len(offsets), [None, pa.py_buffer(offsets.tobytes())])
-    return (pa.ListArray.from_arrays(offsets, lines.column("step").combine_chunks().filter(mask)),
-            pa.ListArray.from_arrays(offsets, lines.column("loss").combine_chunks().filter(mask)))
+    step, loss, val = (lines.column(c).combine_chunks() for c in ("step", "loss", "val_loss"))
+    out = []
+    for n, rows, value in ((kept, mask, loss), (counts - kept, pc.invert(mask), val)):  # training, then validation
+        offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+        offsets = pa.Array.from_buffers(pa.int32(), len(offsets), [None, pa.py_buffer(offsets.tobytes())])
+        out += [pa.ListArray.from_arrays(offsets, step.filter(rows)),
+                pa.ListArray.from_arrays(offsets, value.filter(rows))]
+    return tuple(out)
 
 
 def config_table(config_json: list[str]) -> pa.Table:
@@ -181,7 +202,7 @@ def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
     configs = {r["run_id"]: r["config"] for r in folder.manifest()}
     states = run_states(folder)
     problems = [f"{folder.name}/{s.run_id}: {s.reason}: skipped" for s in states
-                if s.result is None and s.reason.startswith(("corrupt", "partial"))]
+                if s.result is None and s.reason.startswith(("corrupt", "partial", "unreadable"))]
     results = arrow_table([result_row(folder, s) for s in states], pa.schema(RESULT_COLUMNS))
     cfg = config_table([configs[s.run_id] for s in states])
     # The scaling coordinates and the planned tokens (a run without a result) come from the config.
@@ -191,8 +212,8 @@ def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
               "depth": cfg["cfg.model.n_layers"], "parameterization": cfg["cfg.param.name"], "lr": cfg["cfg.optim.lr"]}
     for name, column in coords.items():
         results = results.set_column(results.schema.get_field_index(name), name, column)
-    step, loss = curves([f"{folder.path}/{s.run_id}" for s in states])
-    columns = [*results.columns, *cfg.columns, step, loss]
+    curve_columns = all_curves([f"{folder.path}/{s.run_id}" for s in states], problems)
+    columns = [*results.columns, *cfg.columns, *curve_columns]
     return pa.Table.from_arrays(columns, schema=SCHEMA), problems
 
 

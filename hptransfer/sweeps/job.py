@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from hptransfer.files import DISK_FULL_EXIT, disk_full
 from hptransfer.sweeps.runners import runner_for
 
 
@@ -21,7 +22,12 @@ def execute(run_dir: Path) -> str:
         torch.set_num_threads(int(threads))
     run_dir = Path(run_dir)
     if (run_dir / "checkpoint.pt").exists():  # training resumes from it; say so in this attempt's log
-        print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
+        try:
+            print(f"hpt: resuming from {run_dir / 'checkpoint.pt'}", flush=True)
+        except OSError as err:  # the log's disk is full: the job stops as the trainer does on a full disk
+            if disk_full(err):
+                raise SystemExit(DISK_FULL_EXIT) from None
+            raise
     result = runner_for(run_dir)(run_dir)
     # After the run: the store imports Arrow, which a job needs only now.
     from hptransfer.sweeps.store import SweepFolder, attempt_count, index_entry, result_key

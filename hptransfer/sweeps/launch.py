@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from hptransfer.config.derived import run_flops
+from hptransfer.config.schema import unknown_key_message
 from hptransfer.errors import HptError
 from hptransfer.provenance import git_state
 from hptransfer.sweeps.backends import backend
 from hptransfer.sweeps.backends.base import now
-from hptransfer.sweeps.backends.local import LocalScheduler, Progress, local_gpus, queued_records
+from hptransfer.sweeps.backends.local import LocalScheduler, Progress, local_gpus, queued_records, reserved_space
 from hptransfer.sweeps.plan import Run, SweepSpec
 from hptransfer.sweeps.state import is_launchable, run_states
 from hptransfer.sweeps.store import RunState, SweepFolder, set_aside_result
@@ -40,7 +41,10 @@ def launcher_config(launcher: dict[str, Any]) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), launcher))
     except OmegaConfBaseException as err:
-        raise HptError(f"config key 'launcher.{getattr(err, 'full_key', '')}': {str(err).splitlines()[0]}") from None
+        key = f"launcher.{getattr(err, 'full_key', '')}"
+        if isinstance(err, ConfigKeyError):  # +launcher.partiton=x: the nearest key of this launcher
+            raise HptError(unknown_key_message(key, [f"launcher.{f}" for f in kind.__dataclass_fields__])) from None
+        raise HptError(f"config key '{key}': {str(err).splitlines()[0]}") from None
 
 
 def config_header(prov: dict[str, Any]) -> str:
@@ -61,6 +65,12 @@ def launchable(folder: SweepFolder, spec: SweepSpec, runs: list[Run], retry_fail
     folder.same_definition(spec)
     known = {s.run_id: s for s in run_states(folder)} if folder.path.exists() else {}
     return [r.run_id for r in runs if r.run_id not in known or is_launchable(known[r.run_id], retry_failed)]
+
+
+def failed_runs(folder: SweepFolder, run_ids: list[str]) -> int:
+    """How many runs of this grid are failed now (after a launch: `hpt sweep` exits 1 while any are)."""
+    ids = set(run_ids)
+    return sum(s.state == "failed" for s in run_states(folder) if s.run_id in ids)
 
 
 def largest_first(runs: list[Run]) -> list[str]:
@@ -87,10 +97,14 @@ def claiming(folder: SweepFolder, run_ids: list[str], retry_failed: bool) -> Ite
 
 def run_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool,
               on_event: Callable[[str, RunState | None, Progress], None]) -> Progress:
-    """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order."""
-    with claiming(folder, run_ids, retry_failed) as todo:
-        folder.append_jobs(queued_records(todo, git_state()))
-    return LocalScheduler(folder, todo, jobs, local_gpus(), on_event).schedule()
+    """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order.
+
+    Space for the runs' last records is set aside before any is claimed (a full disk: DiskFull, nothing claimed).
+    """
+    with reserved_space(folder, len(run_ids)) as reserve:
+        with claiming(folder, run_ids, retry_failed) as todo:
+            folder.append_jobs(queued_records(todo, git_state()))
+        return LocalScheduler(folder, todo, jobs, local_gpus(), on_event, reserve).schedule()
 
 
 def detach_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool) -> int:
@@ -153,6 +167,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"{now()} stopped: running runs recorded cancelled", flush=True)
         return 130
+    except HptError as err:  # a full disk: one line, as `hpt sweep` in the foreground says it
+        print(f"{now()} hpt: error: {err}", flush=True)
+        return err.exit_code
     print(f"{now()} done: {p.done}", flush=True)
     return 0
 

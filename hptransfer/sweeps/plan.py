@@ -24,7 +24,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,8 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from hptransfer.config.compose import compose_file
 from hptransfer.config.derived import SEED_KEY, flatten, heads_and_dim, steps_for_tokens, tokens_of
 from hptransfer.config.frozen import canonical_json, id_of, identity_json, run_config
-from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, typed_value, validate
+from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, nearest_key, typed_value, validate
 from hptransfer.errors import HptError
+from hptransfer.train.data import check_source
 from hptransfer.train.rules import apply_rules
 
 GROUPS = frozenset({"model", "param", "optim", "data", "train", "launcher"})  # Hydra config groups
@@ -62,6 +63,7 @@ class SweepSpec:
     dims: list[Dim]
     overrides: list[str]  # plain overrides, composed into every run
     composed: DictConfig  # the file composed with `overrides`, with the `sweep` block as written
+    notes: list[str] = field(default_factory=list)  # what `expand` checked only in part (a sampled data file)
 
     @property
     def axis(self) -> Dim:
@@ -108,7 +110,9 @@ def load(path: Path, overrides: list[str] | None = None, *, name: str | None = N
             dims = _set_dim(dims, Dim(o.key_or_group, (o.value(),)))
     for d in dims:
         if d.key.split(".")[0] not in RunConfig.__dataclass_fields__ or d.key == "launcher":
-            raise HptError(f"cannot sweep '{d.key}': not a run config key or group")
+            near = nearest_key(d.key) if d.key != "launcher" else None
+            raise HptError(f"cannot sweep '{d.key}': not a run config key or group"
+                           + (f" (did you mean {near}?)" if near and not near.startswith("launcher") else ""))
     sweep_name = str(name or block.get("name") or Path(path).stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", sweep_name):
         raise HptError(f"bad sweep name '{sweep_name}': use letters, digits, '.', '_' and '-'")
@@ -216,7 +220,25 @@ def expand(spec: SweepSpec) -> list[Run]:
         if rid in runs:
             raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
         runs[rid] = Run(rid, point, cfg, canon)
+    spec.notes = check_data(list(runs.values()))
     return list(runs.values())
+
+
+def check_data(runs: list[Run]) -> list[str]:
+    """Check each distinct data source once (`train.data.check_source`: the file, its splits, its token ids),
+    so a sweep whose runs would all fail at start is an HptError before anything is written; returns the notes
+    of what was checked only in part."""
+    seen: set[tuple[str, int]] = set()
+    notes: list[str] = []
+    for r in runs:
+        data, seq_len = r.config["data"], r.config["train"]["seq_len"]
+        key = (json.dumps(data, sort_keys=True), seq_len)
+        if key not in seen:
+            seen.add(key)
+            note = check_source(data, seq_len)
+            if note and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def _with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

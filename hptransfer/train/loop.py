@@ -10,9 +10,10 @@ import math
 import os
 import platform
 import socket
+import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ import hptransfer
 from hptransfer.config.derived import FLOPS_FORMULA, steps_of, train_flops
 from hptransfer.config.frozen import load_yaml, run_id, to_yaml
 from hptransfer.errors import HptError
-from hptransfer.files import write_atomic, write_json_atomic
+from hptransfer.files import DISK_FULL_EXIT, append_lines, disk_full, write_atomic, write_json_atomic
 from hptransfer.provenance import git_state
 from hptransfer.train.data import Batches, make_batches
 from hptransfer.train.optim import lr_factor, set_lr
 from hptransfer.train.rules import apply_rules
 from hptransfer.train.step import clipped_steps, evaluate, pick_device, setup, train_step
+from hptransfer.train.trackers import Trackers
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -53,7 +55,14 @@ def train_folder(run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
         cfg = load_yaml(run_dir / "config.yaml")
     except HptError as err:
         return _write_failed(run_dir, None, err, sweep=run_dir.parent.name)
-    return train(cfg, run_dir, progress=progress, sweep=run_dir.parent.name, raise_bad_input=False)
+    try:
+        return train(cfg, run_dir, progress=progress, sweep=run_dir.parent.name, raise_bad_input=False)
+    except Exception as err:  # a full disk is no result: the job exits DISK_FULL_EXIT, to be resumed later
+        if not disk_full(err):
+            raise
+        with suppress(OSError):
+            print(f"hpt: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(DISK_FULL_EXIT) from None
 
 
 def _write_failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, sweep: str | None) -> dict:
@@ -84,29 +93,37 @@ def train(cfg: DictConfig, run_dir: Path, *, progress: bool = True, sweep: str |
         raise HptError(f"{run_dir} holds a different run's config.yaml: choose another --run-dir")
     if done.exists():
         return json.loads(done.read_text())
+    # HPT_LOG_TO, never the config: `hpt train` stops on a bad tracker before writing, a job warns and trains.
+    tracked = Trackers.from_env(strict=raise_bad_input)
     try:
         # Bad input (missing data, no GPU) is found before anything is written for `hpt train`.
-        batches, device = make_batches(cfg), pick_device(cfg)
+        batches, device = make_batches(cfg, scan_tokens=raise_bad_input), pick_device(cfg)
     except HptError as err:
         if raise_bad_input:
             raise
         return _write_failed(run_dir, cfg, err, sweep)
     if not frozen.exists():
         write_atomic(frozen, to_yaml(cfg))
+    result = None
     try:
-        return _train(cfg, run_dir, rid, batches, device, progress=progress, sweep=sweep)
+        result = _train(cfg, run_dir, rid, batches, device, tracked, progress=progress, sweep=sweep)
     except Exception as err:  # a crash in training is a result, with its traceback
-        return _write_failed(run_dir, cfg, err, sweep)
+        if disk_full(err):  # but a full disk is not the run's fault: no result, the run resumes later
+            raise
+        result = _write_failed(run_dir, cfg, err, sweep)
+    finally:
+        tracked.close(result["status"] if result else None)  # None: the attempt was cut (preempted, killed)
+    return result
 
 
-def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, *, progress: bool,
-           sweep: str | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, tracked: Trackers, *,
+           progress: bool, sweep: str | None) -> dict[str, Any]:
     t_start = time.time()
     eff, effective = apply_rules(cfg)
     s = setup(eff, device)
     model, opt = s.model, s.opt
     total = steps_of(cfg.train)
-    step0, losses, initial = 0, [], None
+    step0, losses, initial, vals = 0, [], None, []  # vals: the periodic evaluations so far, [step, val_loss]
     ckpt = run_dir / "checkpoint.pt"
     metrics = run_dir / "metrics.jsonl"
     if ckpt.exists():  # resume after requeue: same model, optimizer, and step
@@ -115,8 +132,11 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         opt.load_state_dict(state["opt"])
         step0, losses, initial = state["step"], state["losses"], state["initial"]
         s.clipped.fill_(state.get("clipped", 0))  # a checkpoint written before clip counting: from 0
+        vals = [tuple(v) for v in state.get("vals", [])]  # a checkpoint written before periodic evaluations: none
     # The loss curve on disk holds exactly the steps before step0 (a killed attempt may have logged more).
-    write_atomic(metrics, "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    write_atomic(metrics, _metric_lines(0, losses, vals))
+    tracked.start(run_dir, cfg, rid, sweep, step0)
+    eval_every, new_vals = cfg.train.eval_every, []
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     pending: list[torch.Tensor] = []  # losses still on the device: read back only at log steps
     status, diverged_at = "completed", None
@@ -126,9 +146,11 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
     with bar or nullcontext():
         task = bar.add_task("train", total=total, completed=step0, loss=float("nan"), tps=0.0) if bar else None
         for step in range(step0, total):
-            set_lr(opt, lr_factor(step, total, eff))
+            set_lr(opt, factor := lr_factor(step, total, eff))
             pending.append(train_step(s, *batches.train_batch(step, device)))
             last = step == total - 1
+            if eval_every and (step + 1) % eval_every == 0 and not last:  # the last step's is the final evaluation
+                new_vals.append((step + 1, _finite_or_none(evaluate(s, batches, cfg.train.eval_batches))))
             if (step + 1) % cfg.train.log_every and not last:
                 continue
             new = torch.stack(pending).double().tolist()
@@ -136,12 +158,18 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
             pending.clear()
             losses.extend(new)
             initial = new[0] if initial is None else initial
-            with metrics.open("a") as f:
-                f.writelines(json.dumps({"step": first + i, "loss": v if math.isfinite(v) else None}) + "\n"
-                             for i, v in enumerate(new))
             bad = [i for i, v in enumerate(new) if not math.isfinite(v) or v > cfg.train.diverge_factor * initial]
+            if bad:  # a diverged run's evaluations stop before its diverged step
+                new_vals = [(at, v) for at, v in new_vals if at < first + bad[0]]
+            vals.extend(new_vals)
+            append_lines(metrics, _metric_lines(first, new, new_vals))  # on a fresh line, whole lines or none
             elapsed = time.time() - t_train
             tps = (step + 1 - step0) * tokens_per_step / max(elapsed, 1e-9)
+            if tracked:
+                tracked.log([*((first + i, {"train/loss": v}) for i, v in enumerate(new)),
+                             (step, {"train/lr": eff.optim.lr * factor, "train/tokens_per_s": tps}),
+                             *((at, {"val/loss": v}) for at, v in new_vals)])
+            new_vals = []
             write_json_atomic(run_dir / "heartbeat.json", {"pid": os.getpid(), "host": socket.gethostname(),
                                                            "step": step + 1, "time": time.time()})
             if bar:
@@ -151,7 +179,7 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
                 break
             every = cfg.train.checkpoint_every
             if every and step + 1 - last_ckpt >= every and not last:  # only at log steps: losses are complete
-                _save_checkpoint(ckpt, model, opt, step + 1, losses, initial, clipped_steps(s) or 0)
+                _save_checkpoint(ckpt, model, opt, step + 1, losses, initial, clipped_steps(s) or 0, vals)
                 last_ckpt = step + 1
     steps_done = step + 1
     train_s = time.time() - t_train
@@ -185,19 +213,34 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         "env": environment(device),
     }
     if val is not None:
-        with metrics.open("a") as f:
-            f.write(json.dumps({"step": steps_done, "val_loss": result["final_val_loss"]}) + "\n")
+        append_lines(metrics, json.dumps({"step": steps_done, "val_loss": result["final_val_loss"]}) + "\n")
+        tracked.log([(steps_done, {"val/loss": result["final_val_loss"]})])
     write_json_atomic(run_dir / "result.json", result)
     ckpt.unlink(missing_ok=True)
     return result
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                     losses: list[float], initial: float | None, clipped: int) -> None:
+                     losses: list[float], initial: float | None, clipped: int, vals: list) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
-                "initial": initial, "clipped": clipped}, tmp)
-    os.replace(tmp, path)
+    try:  # through a Python file: a full disk then surfaces as the OSError behind torch's RuntimeError
+        with open(tmp, "wb") as f:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
+                        "initial": initial, "clipped": clipped, "vals": vals}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half checkpoint left behind
+        raise
+
+
+def _metric_lines(first: int, losses: list[float], vals: list[tuple[int, float | None]]) -> str:
+    """metrics.jsonl's lines for the training losses from step `first` on, each evaluation {step: s, val_loss}
+    right after the training step s - 1 it follows (so a resumed run rewrites its file as it was written)."""
+    after: dict[int, list[str]] = {}
+    for at, v in vals:
+        after.setdefault(at - 1, []).append(json.dumps({"step": at, "val_loss": v}) + "\n")
+    return "".join(json.dumps({"step": first + i, "loss": v if math.isfinite(v) else None}) + "\n"
+                   + "".join(after.get(first + i, ())) for i, v in enumerate(losses))
 
 
 def _progress(enabled: bool):  # noqa: ANN202

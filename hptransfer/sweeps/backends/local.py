@@ -4,22 +4,34 @@
 there are GPUs, else an equal share of the cores), each in its own session so Ctrl-C reaches only
 the scheduler, which then stops its runs and records them cancelled; the next `hpt sweep` resumes
 them. A local job is alive while its process is (pid and start time, so a reused pid does not count).
+
+A full disk stops the sweep cleanly: no new run starts, the running ones end by themselves (a job
+stopped by the disk exits with DISK_FULL_EXIT and no result), and every run not finished is
+recorded cancelled ("disk full"), in space the scheduler set aside before claiming its runs; then
+a DiskFull error says so, and the same command resumes once space is freed.
 """
 
+import errno
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from hptransfer.files import DISK_FULL_EXIT, DiskFull, disk_full, disk_full_error, free_bytes, human_bytes
 from hptransfer.sweeps.backends.base import Backend, Judge, fresh, now
 from hptransfer.sweeps.store import RunState, SweepFolder, new_attempt, read_result
+
+# Space set aside for the records of a sweep's ends (~150 bytes each): freed to write them when the disk is full.
+RESERVE_BYTES, RESERVE_PER_RUN, RESERVE_MAX = 16 * 1024, 512, 8 * 1024 * 1024
+RESERVE_NAME = re.compile(r"\.reserve-(\d+)-(\d+)$")
 
 
 @dataclass
@@ -52,7 +64,65 @@ def exit_reason(code: int | None) -> str:
         return "ended without a result"
     if code < 0:
         return f"killed by {signal.Signals(-code).name} without a result"
+    if code == DISK_FULL_EXIT:
+        return "stopped by a full disk without a result"
     return f"exited with code {code} without a result"
+
+
+class Reserve:
+    """A file of zeros in the sweep folder, deleted to make room for the last job records when the disk fills."""
+
+    def __init__(self, folder: SweepFolder, runs: int):
+        me = os.getpid()
+        self.path: Path | None = folder.path / f".reserve-{me}-{process_start(me)}"
+        size = min(RESERVE_MAX, RESERVE_BYTES + RESERVE_PER_RUN * runs)
+        with suppress(OSError):  # those of schedulers that died without removing theirs
+            for entry in os.scandir(folder.path):
+                m = RESERVE_NAME.match(entry.name)
+                if m and process_start(int(m.group(1))) != int(m.group(2)):
+                    os.unlink(entry.path)
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, size)  # real blocks, even on a file system that compresses zeros
+                except OSError as err:
+                    if disk_full(err):
+                        raise
+                    os.write(fd, bytes(size))  # a file system without fallocate
+            finally:
+                os.close(fd)
+        except OSError as err:
+            self.release()
+            if disk_full(err):
+                raise disk_full_error(err, folder.path, size) from err
+            raise
+
+    def release(self) -> None:
+        if self.path is not None:
+            with suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
+
+
+@contextmanager
+def reserved_space(folder: SweepFolder, runs: int) -> Iterator[Reserve]:
+    """Set space aside for the job records of `runs` runs (DiskFull if there is none), removed on exit."""
+    reserve = Reserve(folder, runs)
+    try:
+        yield reserve
+    finally:
+        reserve.release()
+
+
+def remove_strays(run_dir: Path, pid: int) -> None:
+    """Temp files a dead job left: its checkpoint.tmp and its atomic writes' .<name>.<pid>-*.tmp."""
+    with suppress(OSError):
+        for entry in os.scandir(run_dir):
+            if entry.name == "checkpoint.tmp" or (entry.name.startswith(".") and f".{pid}-" in entry.name
+                                                  and entry.name.endswith(".tmp")):
+                os.unlink(entry.path)
 
 
 def local_gpus() -> list[str]:
@@ -108,7 +178,7 @@ class LocalScheduler:
     """Run claimed runs N at a time, each in its own process, until all have ended or it is stopped."""
 
     def __init__(self, folder: SweepFolder, runs: list[RunState], jobs: int, gpus: list[str],
-                 on_event: Callable[[str, RunState | None, Progress], None]):
+                 on_event: Callable[[str, RunState | None, Progress], None], reserve: Reserve | None = None):
         self.folder = folder
         self.queue = list(runs)
         self.slots = [Slot(gpus[i % len(gpus)] if gpus else None) for i in range(jobs)]
@@ -117,29 +187,82 @@ class LocalScheduler:
         self.by_id = {s.run_id: s for s in runs}
         self.on_event = on_event
         self.stop_reason: str | None = None
+        self.reserve = reserve
+        self.disk_full: str | None = None  # what the full disk stopped first (a file, or a run's folder)
+        self.unrecorded: list[dict[str, Any]] = []  # job records the full disk refused: written at the end
+        self.stopped_by_disk = 0  # runs whose job the full disk stopped
+        self.notes: list[tuple[str, str]] = []  # (log, line): notes a full disk refused, written at the end
 
     def schedule(self) -> Progress:
         """Schedule until every run has ended; Ctrl-C or SIGTERM stops the runs and records them cancelled.
 
         Signals only set `stop_reason`; the loop acts on it, so no run is ever half-started or half-recorded.
+        A full disk stops new starts; once the running runs have ended, the rest are recorded cancelled
+        and a DiskFull error is raised (exit code 1 when some runs had ended, else 2).
         """
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while (self.queue or any(slot.proc for slot in self.slots)) and self.stop_reason is None:
+            while (self.queue or self._busy()) and self.stop_reason is None:
                 for slot in self.slots:
                     if slot.proc is not None and slot.proc.poll() is not None:
                         self._ended(slot)
-                    if slot.proc is None and self.queue:
+                    if slot.proc is None and self.queue and self.disk_full is None:
                         self._start(slot, self.queue.pop(0))
+                if self.disk_full is not None and not self._busy():
+                    break
                 self.on_event("tick", None, self.progress)
                 time.sleep(0.2)
             if self.stop_reason is not None:
                 self._stop(self.stop_reason)
                 raise KeyboardInterrupt
+            if self.disk_full is not None:
+                self._stop_disk_full()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.progress
+
+    def _busy(self) -> bool:
+        return any(slot.proc for slot in self.slots)
+
+    def _record(self, records: list[dict[str, Any]], *, last: bool = False) -> int:
+        """Append job records; those a full disk refuses wait (the disk may free up) until the `last` call,
+        which first frees the reserved space. Returns how many are still unrecorded."""
+        records, self.unrecorded = self.unrecorded + records, []
+        for attempt in range(2 if last else 1):
+            if attempt and self.reserve is not None:
+                self.reserve.release()
+            try:
+                self.folder.append_jobs(records)
+                return 0
+            except DiskFull:
+                self._full(self.folder.jobs_file)
+        self.unrecorded = records
+        return len(records)
+
+    def _full(self, where: Path | str) -> None:
+        self.disk_full = self.disk_full or str(where)
+
+    def _stop_disk_full(self) -> None:
+        """Record the runs never started cancelled (the stopped ones are already), then raise DiskFull."""
+        queued = [s.run_id for s in self.queue]
+        self.queue.clear()
+        lost = self._record([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": "disk full",
+                              "at": now()} for rid in queued], last=True)
+        if self.reserve is not None:
+            self.reserve.release()
+        for path, line in self.notes:  # in the space the reserve left: each log says why its attempt stopped
+            with suppress(OSError), open(path, "ab") as f:
+                f.write(line.encode())
+        ended = sum(self.progress.done.values())
+        free = free_bytes(self.disk_full)
+        unrecorded = f" ({lost} of them could not be recorded: `hpt status` may show them failed)" if lost else ""
+        stopped = self.stopped_by_disk + len(queued)
+        err = DiskFull(f"disk full at {self.disk_full} ({'?' if free is None else human_bytes(free)} free): "
+                       f"{ended} run{'s' * (ended != 1)} ended, {stopped} stopped and recorded cancelled"
+                       f"{unrecorded}; free some space and run the same command again: it resumes them")
+        err.exit_code = 1 if ended else 2
+        raise err
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_reason = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped (SIGTERM, e.g. hpt cancel)"
@@ -147,8 +270,17 @@ class LocalScheduler:
     def _start(self, slot: Slot, s: RunState) -> None:
         run_dir = self.folder.run_dir(s.run_id)
         attempt = new_attempt(run_dir)
-        (run_dir / "logs").mkdir(exist_ok=True)
-        slot.log = open(run_dir / "logs" / f"attempt-{attempt}.log", "ab")  # noqa: SIM115 (closed in _ended)
+        log = run_dir / "logs" / f"attempt-{attempt}.log"
+        try:
+            (run_dir / "logs").mkdir(exist_ok=True)
+            # Unbuffered: the job writes to it directly, and closing it never flushes into a full disk.
+            slot.log = open(log, "ab", buffering=0)  # noqa: SIM115 (closed in _ended)
+        except OSError as err:
+            if not disk_full(err):
+                raise
+            self._full(run_dir)
+            self.queue.insert(0, s)  # not started: recorded cancelled with the rest
+            return
         env = {"OMP_NUM_THREADS": str(self.threads), **os.environ}  # an explicit OMP_NUM_THREADS wins
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
@@ -158,10 +290,23 @@ class LocalScheduler:
                                      start_new_session=True)
         slot.run_id, slot.started = s.run_id, time.time()
         pid = slot.proc.pid
-        self.folder.append_jobs([{"event": "started", "run_id": s.run_id, "executor": "local",
-                                  "job_id": f"local-{pid}", "pid": pid, "start": process_start(pid),
-                                  "host": socket.gethostname(), "attempt": attempt, "gpu": slot.gpu,
-                                  "started_at": now()}])
+        try:
+            self.folder.append_jobs([{"event": "started", "run_id": s.run_id, "executor": "local",
+                                      "job_id": f"local-{pid}", "pid": pid, "start": process_start(pid),
+                                      "host": socket.gethostname(), "attempt": attempt, "gpu": slot.gpu,
+                                      "started_at": now()}])
+        except DiskFull:  # a run nobody knows was started must not run: stop it, as if it never had
+            _signal_group(pid, signal.SIGKILL)
+            slot.proc.wait()
+            _close(slot.log)
+            remove_strays(run_dir, pid)
+            with suppress(OSError):
+                if log.stat().st_size == 0:
+                    log.unlink()
+            slot.proc, slot.run_id, slot.log = None, None, None
+            self._full(self.folder.jobs_file)
+            self.queue.insert(0, s)
+            return
         self.progress.running[s.run_id] = slot.started
         s.job_id, s.attempts = f"local-{pid}", attempt
         self.on_event("started", s, self.progress)
@@ -169,16 +314,29 @@ class LocalScheduler:
     def _ended(self, slot: Slot) -> None:
         code = slot.proc.returncode
         s = self.by_id[slot.run_id]
-        result, why = read_result(self.folder.run_dir(slot.run_id))
-        if result is None:  # say in the log itself why it stopped: `hpt status` shows its tail
-            slot.log.write(f"[hpt] attempt {s.attempts} {why or exit_reason(code)}\n".encode())
-        slot.log.close()
-        self.folder.append_jobs([{"event": "ended", "run_id": slot.run_id, "executor": "local",
-                                  "job_id": s.job_id, "returncode": code, "ended_at": now()}])
-        s.state, s.result = (result["status"], result) if result else ("failed", None)
-        s.reason = why or ("" if result else exit_reason(code))
-        self.progress.done[s.state] += 1
-        self.progress.durations.append(time.time() - slot.started)
+        run_dir = self.folder.run_dir(slot.run_id)
+        remove_strays(run_dir, slot.proc.pid)
+        result, why = read_result(run_dir)
+        # The disk's fault, not the run's (said by the job, or any exit without a result once the disk is
+        # known full): cancelled, to be resumed by the same command.
+        if result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
+            self._note(slot, f"[hpt] attempt {s.attempts} stopped: disk full; the same command resumes it\n")
+            _close(slot.log)
+            self._full(run_dir)
+            self.stopped_by_disk += 1
+            s.state, s.reason = "cancelled", "disk full"
+            self._record([{"event": "cancelled", "run_id": slot.run_id, "executor": "local", "job_id": s.job_id,
+                           "reason": "disk full", "at": now()}])
+        else:
+            if result is None:  # say in the log itself why it stopped: `hpt status` shows its tail
+                self._note(slot, f"[hpt] attempt {s.attempts} {why or exit_reason(code)}\n")
+            _close(slot.log)
+            self._record([{"event": "ended", "run_id": slot.run_id, "executor": "local",
+                           "job_id": s.job_id, "returncode": code, "ended_at": now()}])
+            s.state, s.result = (result["status"], result) if result else ("failed", None)
+            s.reason = why or ("" if result else exit_reason(code))
+            self.progress.done[s.state] += 1
+            self.progress.durations.append(time.time() - slot.started)
         self.progress.running.pop(slot.run_id, None)
         slot.proc, slot.run_id, slot.log = None, None, None
         self.on_event("ended", s, self.progress)
@@ -197,16 +355,30 @@ class LocalScheduler:
                 slot.proc.wait()
         cancelled = []
         for slot in busy:
+            remove_strays(self.folder.run_dir(slot.run_id), slot.proc.pid)
             if read_result(self.folder.run_dir(slot.run_id))[0] is not None:
                 self._ended(slot)  # it finished while being stopped: a result, not a cancellation
                 continue
-            slot.log.write(f"[hpt] attempt cancelled: {reason}\n".encode())
-            slot.log.close()
+            self._note(slot, f"[hpt] attempt cancelled: {reason}\n")
+            _close(slot.log)
             cancelled.append(slot.run_id)
         cancelled += [s.run_id for s in self.queue]
-        self.folder.append_jobs([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": reason,
-                                  "at": now()} for rid in cancelled])
         self.queue.clear()
+        if self._record([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": reason, "at": now()}
+                         for rid in cancelled], last=True):
+            raise disk_full_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.folder.jobs_file)
+
+    def _note(self, slot: Slot, line: str) -> None:
+        """A line of the scheduler's in a run's log; one a full disk refuses is tried again at the end."""
+        try:
+            slot.log.write(line.encode())
+        except OSError:
+            self.notes.append((slot.log.name, line))
+
+
+def _close(log: IO[bytes] | None) -> None:
+    with suppress(OSError):
+        log.close()
 
 
 def _signal(pid: int, sig: int) -> None:

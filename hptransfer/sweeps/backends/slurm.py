@@ -4,12 +4,22 @@ Runs go as arrays of `RunJob` split at the cluster's MaxArraySize; submitit requ
 timeout or preemption and training resumes from its checkpoint. Submission returns at once. A
 SLURM run's state is what one batched `sacct` call says, or `squeue` when accounting does not
 answer, or its heartbeat when neither does.
+
+Each array's runs are recorded `submitting` (with the submitit folder) before sbatch is called and
+`submitted` once it returns. A `submitting` record still the latest after its submitter died marks
+an array sbatch may have accepted without anyone recording it: the next `hpt sweep` or `hpt status`
+looks for it (the folder's `<id>_submission.sh`, squeue's jobs of that folder) and adopts each task
+whose run submitit had handed over (its pickle is in place), cancelling any other, so no run ever
+runs twice (docs/usage.md#where-the-runs-execute).
 """
 
 import getpass
 import io
 import math
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,15 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.slurm.slurm import _make_sbatch_string  # private: sbatch_script alone uses it
+from submitit.slurm.slurm import SlurmJobEnvironment, _make_sbatch_string  # private: sbatch_script, a task
 
 from hptransfer.errors import HptError
 from hptransfer.sweeps import job
 from hptransfer.sweeps.backends.base import Backend, Judge, age_s, fresh, now
+from hptransfer.sweeps.backends.local import process_alive, process_start
 from hptransfer.sweeps.store import RunState, SweepFolder, new_attempt
 
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
 UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
+MIN_ATTEMPT_S = 30  # an attempt's time before the requeue signal: to start, train and write a checkpoint
+SUBMIT_GRACE_S = 300  # a submission from another host (its process cannot be probed) is in flight this long
 
 
 @dataclass
@@ -50,6 +63,28 @@ class SlurmLauncher:
     max_requeue: int = 3
     setup: list[str] = field(default_factory=list)
     additional: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Values sbatch would refuse, or accept to no purpose, are one-line errors before anything is written."""
+        def bad(key: str, why: str) -> HptError:
+            return HptError(f"config key 'launcher.{key}': {why}")
+
+        if not (math.isfinite(self.mem_gb) and self.mem_gb > 0):
+            raise bad("mem_gb", f"must be positive, got {self.mem_gb}")
+        for key, low in (("timeout_min", 1), ("cpus_per_task", 1), ("array_parallelism", 1), ("gpus_per_node", 0),
+                         ("max_requeue", 0), ("signal_delay_s", 0)):
+            if (value := getattr(self, key)) < low:
+                raise bad(key, f"must be >= {low}, got {value}")
+        if self.max_array_size is not None and self.max_array_size < 1:
+            raise bad("max_array_size", f"must be >= 1 (null: the cluster's MaxArraySize), got {self.max_array_size}")
+        limit = self.timeout_min * 60
+        if limit - self.signal_delay_s < MIN_ATTEMPT_S:
+            raise bad("signal_delay_s", (
+                f"{self.signal_delay_s} s before a {self.timeout_min} min time limit leaves each attempt "
+                f"{max(limit - self.signal_delay_s, 0)} s before it is signalled and requeued, less than the "
+                f"{MIN_ATTEMPT_S} s it needs to start, train and checkpoint: set launcher.signal_delay_s to at most "
+                f"{limit - MIN_ATTEMPT_S} or launcher.timeout_min to at least "
+                f"{math.ceil((self.signal_delay_s + MIN_ATTEMPT_S) / 60)}"))
 
 
 # SLURM job states -> (run state, reason, whether the job still holds the run)
@@ -160,8 +195,9 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def submitit_folder(folder: SweepFolder) -> Path:
-    """A fresh submitit folder per submission: SLURM job ids restart at 1 on a new cluster."""
-    return folder.path / "slurm" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    """A fresh submitit folder per submission: SLURM job ids restart at 1 on a new cluster. Absolute: squeue
+    names a job's script by its absolute path, and `hpt status` may run elsewhere."""
+    return folder.path.absolute() / "slurm" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
 
 def sbatch_script(launcher: SlurmLauncher, name: str, folder: Path, n_runs: int) -> str:
@@ -184,7 +220,13 @@ def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher,
     sub = submitit_folder(folder)
     executor = submitit.SlurmExecutor(folder=sub, max_num_timeout=launcher.max_requeue)
     executor.update_parameters(**sbatch_parameters(launcher, folder.name))
+    me = {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname()}
     for part in chunks(todo, array_size(launcher)):
+        # The intent first: if this process dies after sbatch accepts the array but before the array is
+        # recorded, the next `hpt sweep` or `hpt status` finds the array by its folder (see `settle`).
+        folder.append_jobs([{"event": "submitting", "run_id": s.run_id, "executor": "slurm", "folder": str(sub),
+                             "task": i, "tasks": len(part), "submitter": me, "at": now(), **prov}
+                            for i, s in enumerate(part)])
         try:  # submitit prints sbatch's stderr itself on failure: it goes into our one-line error instead
             with redirect_stderr(io.StringIO()):
                 jobs = executor.map_array(RunJob(), [str(folder.run_dir(s.run_id)) for s in part])
@@ -199,20 +241,52 @@ def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher,
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A SLURM array task: link submitit's logs into the run folder as this attempt's, then execute it.
+    """A SLURM array task: send this attempt's output to the run's logs/attempt-N.out and .err, then execute it.
 
+    SLURM appends every attempt of a requeued task to the same file of submitit's folder, so each
+    attempt writes its own files instead: its stdout and stderr are redirected there once it
+    starts, and submitit's file keeps what came before (submitit's start-up, `launcher.setup`) and
+    SLURM's own messages (an out-of-memory kill), with a line naming the attempt's files.
     `checkpoint` (inherited) resubmits the same call: the requeued task trains the same folder.
     """
 
     def __call__(self, run_dir: str) -> str:
+        _survive_requeue_race()
         folder = Path(run_dir)
-        paths = submitit.JobEnvironment().paths
         attempt = new_attempt(folder)
         (folder / "logs").mkdir(exist_ok=True)
-        for target, suffix in ((paths.stdout, "out"), (paths.stderr, "err")):
-            link = folder / "logs" / f"attempt-{attempt}.{suffix}"
-            link.symlink_to(os.path.relpath(target.resolve(), link.parent))  # relative: the sweep folder can move
+        files = [folder / "logs" / f"attempt-{attempt}.{suffix}" for suffix in ("out", "err")]
+        print(f"hpt: attempt {attempt} of run {folder.name} writes to {files[0]} and {files[1]}", flush=True)
+        sys.stderr.flush()
+        for fd, path in zip((1, 2), files, strict=True):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
         return job.execute(folder)
+
+
+def _survive_requeue_race() -> None:
+    """In a task: let a requeue whose `scontrol` SLURM stopped count as done.
+
+    On the requeue signal submitit runs `scontrol requeue`; SLURM then stops the task, and can
+    SIGTERM that scontrol before it exits. submitit then raises from its signal handler, inside
+    training, which would record the run `failed` although it was requeued. A scontrol ended by
+    SIGTERM means SLURM acted on the requeue: submitit goes on exiting as after any requeue.
+    """
+    requeue = SlurmJobEnvironment._requeue
+    if getattr(requeue, "hpt", False):
+        return
+
+    def _requeue(env: SlurmJobEnvironment, countdown: int) -> None:
+        try:
+            requeue(env, countdown)
+        except subprocess.CalledProcessError as err:
+            if err.returncode != -signal.SIGTERM:
+                raise
+            print("hpt: scontrol requeue was stopped by the requeue itself: requeued", file=sys.stderr, flush=True)
+
+    _requeue.hpt = True  # type: ignore[attr-defined]
+    SlurmJobEnvironment._requeue = _requeue  # type: ignore[method-assign]
 
 
 class Slurm(Backend):
@@ -220,19 +294,100 @@ class Slurm(Backend):
     launcher = SlurmLauncher
 
     def observe(self, records: list[dict[str, Any]]) -> Judge:
-        """One sacct call (squeue for what accounting lacks) for every submitted job of these records."""
-        scheduler = slurm_states([r["job_id"] for r in records if r.get("event") == "submitted"])
+        """One sacct call (squeue for what accounting lacks) for every submitted job of these records, after
+        settling the submissions whose submitter died before recording them."""
+        settled = settle([r for r in records if r.get("event") == "submitting"])
+        current = [settled.get(r["run_id"], r) if r.get("event") == "submitting" else r for r in records]
+        scheduler = slurm_states([r["job_id"] for r in current if r.get("event") == "submitted"])
 
         def judge(s: RunState, rec: dict[str, Any], hb: dict[str, Any] | None) -> None:
-            _judge(s, rec, scheduler, hb)
+            if rec.get("event") == "submitting":
+                rec = settled.get(s.run_id, rec)
+                s.job_id = rec.get("job_id")
+            if rec.get("event") == "submitting":  # still in flight, or sbatch never took it
+                live = in_flight(rec)
+                s.state, s.active = "pending", live
+                s.reason = "being submitted to SLURM" if live else "not launched (sbatch did not take its array)"
+            elif rec.get("event") == "cancelled":
+                s.state, s.reason = "cancelled", rec.get("reason", "cancelled")
+            else:
+                _judge(s, rec, scheduler, hb)
 
         return judge
 
     def cancel(self, folder: SweepFolder, active: list[RunState], records: list[dict[str, Any]]) -> list[RunState]:
-        """One scancel for every job; all are recorded cancelled here (SLURM tells no one else)."""
-        if active:
-            subprocess.run(["scancel", *sorted({s.job_id for s in active})], check=False, timeout=60)
-        return list(active)
+        """One scancel for every job; all are recorded cancelled here (SLURM tells no one else). A run still
+        being submitted has no job yet: its submitter records it."""
+        jobs = [s for s in active if s.job_id]
+        if jobs:
+            subprocess.run(["scancel", *sorted({s.job_id for s in jobs})], check=False, timeout=60)
+        return jobs
+
+
+def in_flight(rec: dict[str, Any]) -> bool:
+    """Is the process that wrote this `submitting` record still submitting? (This process never is: its
+    submission has returned or was interrupted.) From another host, for SUBMIT_GRACE_S."""
+    who = rec.get("submitter") or {}
+    if who.get("pid") == os.getpid() and who.get("host") == socket.gethostname():
+        return False
+    alive = process_alive(who) if who else False
+    return age_s(rec.get("at")) < SUBMIT_GRACE_S if alive is None else alive
+
+
+def arrays_in(sub: Path, sweep: str) -> set[str]:
+    """The job ids sbatch gave submissions from submitit folder `sub`: its `<id>_submission.sh` files (written
+    once sbatch returned) and the queued jobs of sweep `sweep` whose script lies in it (squeue)."""
+    ids = {m.group(1) for p in sub.glob("*_submission.sh") if (m := re.fullmatch(r"(\d+)_submission\.sh", p.name))}
+    queue = _query(["squeue", "-h", "-u", getpass.getuser(), "-n", f"hpt-{sweep}", "-o", "%F|%o"])
+    for line in (queue or "").splitlines():
+        jid, _, script = line.partition("|")
+        if script.strip().startswith(f"{sub}/") and jid.strip().isdigit():
+            ids.add(jid.strip())
+    return ids
+
+
+def settle(pending: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Settle the `submitting` records of dead submitters: returns the record that now stands for each run.
+
+    Per submitit folder, the array sbatch accepted and no `submitted` record names is adopted task by
+    task: a task whose run submitit handed over (`<job>_submitted.pkl` in place) is recorded
+    `submitted`; any other is scancel'd (it would wait for its pickle and fail) and its run recorded
+    `cancelled`, so the next `hpt sweep` launches it. Several such arrays (never expected) are all
+    cancelled. Nothing found: sbatch never took it, and the run is free (no record is written).
+    """
+    by_folder: dict[str, list[dict[str, Any]]] = {}
+    for r in pending:
+        by_folder.setdefault(r["folder"], []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for sub_name, recs in by_folder.items():
+        if any(in_flight(r) for r in recs):
+            continue
+        sub = Path(sub_name)
+        sweep = SweepFolder(sub.parent.parent)
+        recorded = {str(r.get("job_id", "")).split("_")[0] for r in sweep.job_records()
+                    if r.get("event") == "submitted" and r.get("folder") == sub_name}
+        ghosts = sorted(arrays_in(sub, sweep.name) - recorded, key=int)
+        if not ghosts:
+            continue
+        new, doomed = [], []
+        for r in recs:
+            base = {"run_id": r["run_id"], "executor": "slurm", "folder": sub_name}
+            array = ghosts[0] if len(ghosts) == 1 else None
+            jid = None if array is None else (f"{array}_{r['task']}" if r.get("tasks", 2) > 1 else array)
+            if jid is not None and (sub / f"{jid}_submitted.pkl").exists():
+                new.append({"event": "submitted", **base, "job_id": jid, "submitted_at": r.get("at"),
+                            "git_commit": r.get("git_commit"), "git_dirty": r.get("git_dirty"), "adopted": True})
+                continue
+            doomed.append(jid)
+            new.append({"event": "cancelled", **base, "job_id": jid, "at": now(),
+                        "reason": "its submission was cut before it was recorded: job cancelled; the next "
+                                  "hpt sweep launches the run"})
+        if doomed:
+            cancel = ghosts if None in doomed else doomed
+            subprocess.run(["scancel", *cancel], check=False, timeout=60, capture_output=True)
+        sweep.append_jobs(new)
+        out.update({r["run_id"]: r for r in new})
+    return out
 
 
 def _judge(s: RunState, rec: dict[str, Any], scheduler: dict[str, str] | None, hb: dict[str, Any] | None) -> None:
