@@ -384,3 +384,18 @@ def test_ctrl_c_on_a_full_disk_still_records_every_run(tiny, tmp_path):
         runs = status(root)
         assert [r["state"] for r in runs.values()] == ["cancelled", "cancelled"], runs
         assert temp_files(disk) == []
+
+
+def test_an_analysis_report_onto_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny, tmp_path):
+    """The report's figures, report.md and summary.json go through the same atomic writer as the sweep."""
+    root, out = tmp_path / "runs", tmp_path / "results.parquet"
+    assert hpt(*sweep_args(tiny, root, "model.width=16,32", "optim.lr=0.004,0.008", "param=sp",
+                           "sweep.seeds=[0]")).returncode == 0
+    assert hpt("collect", "--root", str(root), "--out", str(out)).returncode == 0
+    with tmpfs(tmp_path / "disk") as disk:
+        ballast = fill(disk)
+        assert_disk_full_line(hpt("analyze", str(out), "--out", str(disk / "report")), 2)
+        assert temp_files(disk) == []
+        ballast.unlink()
+        assert hpt("analyze", str(out), "--out", str(disk / "report")).returncode == 0
+        assert (disk / "report" / "report.md").exists() and temp_files(disk) == []
