@@ -84,50 +84,17 @@ def _extras(folder: Any, states: list[Any]) -> Any:
     """What status adds to a sweep, cheaply: its job records (one file) and, for running runs only, the
     latest training loss (the tail of metrics.jsonl) and the steps they train (config.yaml)."""
     from hptransfer import views  # per command
+    from hptransfer.sweeps.store import latest_loss, planned_steps  # per command
 
     ex = views.Extras(records=folder.job_records())
     for s in states:
         if s.state == "running":
             run_dir = folder.run_dir(s.run_id)
-            ex.losses[s.run_id] = _latest_loss(run_dir / "metrics.jsonl")
-            steps = _train_steps(run_dir / "config.yaml")
+            ex.losses[s.run_id] = latest_loss(run_dir)
+            steps = planned_steps(run_dir)
             if steps:
                 ex.total_steps[s.run_id] = steps
     return ex
-
-
-def _latest_loss(metrics: Path, tail: int = 4096) -> float | None:
-    """The last training loss in metrics.jsonl, from its last few KB (the file grows with every step)."""
-    try:
-        with open(metrics, "rb") as f:
-            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # the first (cut) line, or one being written
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("loss"), int | float):
-            return float(entry["loss"])
-    return None
-
-
-def _train_steps(config: Path) -> int | None:
-    """train.steps of a frozen config.yaml, read as text (no YAML parser: status imports none)."""
-    try:
-        text = config.read_text()
-    except OSError:
-        return None
-    section = False
-    for line in text.splitlines():
-        if line and not line[0].isspace():
-            section = line.rstrip() == "train:"
-        elif section and line.strip().startswith("steps:"):
-            value = line.split(":", 1)[1].strip()
-            return int(value) if value.isdigit() else None
-    return None
 
 
 Overrides = Annotated[

@@ -40,20 +40,19 @@ class DiskFull(HptError, OSError):
 
 def disk_full(err: BaseException | None) -> bool:
     """Is this error (or one it was raised from, e.g. inside torch.save) a full disk or quota?"""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return _disk_full_errno(err) is not None
+
+
+def _disk_full_errno(err: BaseException | None) -> int | None:
+    """The full-disk errno in this error's chain of causes, if any."""
+    return next((e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
 
 
 def disk_full_error(err: BaseException, where: Path | str, needed: int | None = None) -> DiskFull:
     """The one-line DiskFull for a failed write of `needed` bytes to `where`."""
     if isinstance(err, DiskFull):
         return err
-    code = next((e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS),
-                errno.ENOSPC)
+    code = _disk_full_errno(err) or errno.ENOSPC
     what = "disk quota exceeded" if code == errno.EDQUOT else "disk full"
     need = f"{human_bytes(needed)} needed, " if needed else ""
     free = free_bytes(where)
@@ -79,12 +78,13 @@ def free_bytes(path: Path | str) -> int | None:
     return None
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"  # unreachable
+def human_bytes(n: float) -> str:
+    unit = "B"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if n < 1000:
+            break
+        n, unit = n / 1000, bigger
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _create_temp(path: Path) -> tuple[int, str]:

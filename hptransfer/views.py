@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hptransfer.config.derived import FLOPS_FORMULA, run_flops
-from hptransfer.formats import fmt_lr
+from hptransfer.formats import fmt_lr, pow2_exponent
 from hptransfer.sweeps.state import counts
 from hptransfer.sweeps.store import STATES, RunState
 
@@ -39,10 +39,8 @@ CELL = {"pending": ("·", "dim"), "running": ("run", "yellow"), "diverged": ("di
 def fmt_value(v: Any) -> str:
     """Numbers as people read sweeps: powers of two as 2^k, others compactly (learning rates: `fmt_dim`)."""
     if isinstance(v, float) and v > 0:
-        k = math.log2(v)
-        if abs(k * 2 - round(k * 2)) < 1e-9 and not float(v).is_integer():
-            return f"2^{k:g}"
-        return f"{v:.4g}"
+        k = pow2_exponent(v)
+        return f"2^{k:g}" if k is not None and not v.is_integer() else f"{v:.4g}"
     return str(v)
 
 

@@ -18,7 +18,8 @@ from hptransfer.analysis.analyze import analyze
 from hptransfer.analysis.load import find_groups, load_results
 from hptransfer.analysis.optimum import Curve, find_optimum, quantile
 from hptransfer.analysis.predict import predict
-from hptransfer.analysis.summary import fmt_loss, fmt_lr, fmt_scale, summary
+from hptransfer.analysis.summary import fmt_loss, fmt_scale, summary
+from hptransfer.formats import fmt_lr
 from tests.conftest import assert_one_line_error, cli, hpt
 
 X0 = -7.3          # log2 of the optimum at the base width 128: not on any grid point

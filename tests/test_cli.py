@@ -25,10 +25,10 @@ from hptransfer.analysis import plots
 from hptransfer.analysis.analyze import analyze
 from hptransfer.analysis.load import load_results
 from hptransfer.analysis.report import tables
-from hptransfer.analysis.summary import fmt_loss, fmt_lr, summary
-from hptransfer.formats import fmt_lr as one_fmt_lr
+from hptransfer.analysis.summary import fmt_loss, summary
+from hptransfer.formats import fmt_lr
 from hptransfer.sweeps.state import run_states
-from hptransfer.sweeps.store import RunState, SweepFolder
+from hptransfer.sweeps.store import RunState, SweepFolder, latest_loss, planned_steps
 from tests.conftest import HPT, REPO, TINY, cli
 from tests.test_analysis import Truth, table, write
 from tests.test_sweep import TINY_SWEEP
@@ -190,9 +190,8 @@ def test_running_runs_show_their_latest_loss(done_sweep, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": i, "loss": 3.0 - i / 100}) + "\n" for i in range(2000))
                        + json.dumps({"step": 2000, "val_loss": 1.0}) + "\n" + '{"step": 2001, "lo')  # torn line
-    assert hpt_cli._latest_loss(metrics) == pytest.approx(3.0 - 1999 / 100)
-    config = done_sweep["folder"].run_dir(run_states(done_sweep["folder"])[0].run_id) / "config.yaml"
-    assert hpt_cli._train_steps(config) == 10
+    assert latest_loss(tmp_path) == pytest.approx(3.0 - 1999 / 100)
+    assert planned_steps(done_sweep["folder"].run_dir(run_states(done_sweep["folder"])[0].run_id)) == 10
     s = RunState("abc", {"model.width": 16}, "running", step=5, active=True)
     ex = views.Extras(losses={"abc": 2.3456}, total_steps={"abc": 10})
     row = render(views.runs_table([s], ["model.width"], extras=ex), 120)
@@ -327,10 +326,12 @@ def test_a_sweep_from_several_commits_is_warned_about(done_sweep, tmp_path):
 
 
 def test_learning_rates_read_the_same_in_status_and_analyze():
-    assert one_fmt_lr(2.0**-7) == "0.00781 (2^-7)" and one_fmt_lr(2.0**-6.5) == "0.011 (2^-6.5)"
-    assert one_fmt_lr(0.00975) == "0.00975" and one_fmt_lr(None) == "-"
+    """One function (formats.fmt_lr) formats them: the status grid's headers use it, and so does the
+    analysis report (tests/test_analysis.py checks its table cells against it)."""
+    assert fmt_lr(2.0**-7) == "0.00781 (2^-7)" and fmt_lr(2.0**-6.5) == "0.011 (2^-6.5)"
+    assert fmt_lr(0.00975) == "0.00975" and fmt_lr(None) == "-"
     for lr in (2.0**-7, 2.0**-6.5, 0.00975, 3e-4):
-        assert views.fmt_dim("optim.lr", lr) == fmt_lr(lr) == one_fmt_lr(lr)
+        assert views.fmt_dim("optim.lr", lr) == fmt_lr(lr)
     assert views.fmt_dim("model.width", 128) == "128"
 
 

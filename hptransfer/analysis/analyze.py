@@ -24,9 +24,10 @@ from hptransfer.analysis.metrics import (
     wider_is_better,
 )
 from hptransfer.analysis.optimum import Curve, Noise, Optimum, find_optimum, pool_noise, with_uncertainty
-from hptransfer.analysis.summary import fmt_lr, fmt_scale
+from hptransfer.analysis.summary import fmt_scale
 from hptransfer.config.derived import FLOPS_FORMULA
 from hptransfer.errors import HptError
+from hptransfer.formats import fmt_lr
 
 
 @dataclass

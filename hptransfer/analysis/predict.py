@@ -20,11 +20,12 @@ from rich.markup import escape
 
 from hptransfer.analysis.analyze import GroupResult, analyze
 from hptransfer.analysis.load import AXES, BOOKKEEPING
-from hptransfer.analysis.summary import fmt_lr, fmt_scale, jsonable
+from hptransfer.analysis.summary import fmt_scale, jsonable
 from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import flatten
 from hptransfer.config.schema import CHOICES
 from hptransfer.errors import HptError
+from hptransfer.formats import fmt_lr
 from hptransfer.train.param import class_lr, depth_exponent, depth_lr_exponent, resolve_preset
 
 BLIND_LOG2 = 4.0  # a missable shift beyond this (16x) says only that the bend test cannot see the bends that matter

@@ -14,8 +14,9 @@ from rich.text import Text
 
 from hptransfer.analysis.analyze import Analysis
 from hptransfer.analysis.metrics import DEFINITIONS
-from hptransfer.analysis.summary import fmt_loss, fmt_lr, fmt_scale, summary
+from hptransfer.analysis.summary import fmt_loss, fmt_scale, summary
 from hptransfer.files import write_atomic, write_json_atomic
+from hptransfer.formats import fmt_lr
 
 OPTIMUM_METHOD = (
     "Per scale point, runs are averaged per learning rate over the seeds that ran every learning rate of "

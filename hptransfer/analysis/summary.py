@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hptransfer import formats
 from hptransfer.analysis.optimum import quantile
 
 if TYPE_CHECKING:  # analyze formats its warnings with the functions below: it imports this module
@@ -114,11 +113,6 @@ def jsonable(obj: Any) -> Any:
 
 
 # -- number formats shared by the terminal, report.md and the tests -------------------------------------
-
-
-def fmt_lr(lr: float | None) -> str:
-    """The one learning-rate format of every command (hptransfer/formats.py): 3 significant digits, + 2^k."""
-    return formats.fmt_lr(lr)
 
 
 def fmt_scale(scale: float | None) -> str:

@@ -101,9 +101,13 @@ CURVE_LINE = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("val_loss
 def curve(run_dir: Path, key: str = "loss") -> tuple[list[int], list[float | None]]:
     """The training loss per step from metrics.jsonl (a line being appended is not read yet; a file with a
     bad line has no curve: store.read_metrics); key="val_loss": the validation loss at each evaluation."""
-    records, _ = read_metrics(run_dir)
-    curve = [(r["step"], r[key]) for r in records if key in r]
-    return [s for s, _ in curve], [v for _, v in curve]
+    return _points(read_metrics(run_dir)[0], key)
+
+
+def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
+    """(steps, values) of the records that hold `key`."""
+    kept = [(r["step"], r[key]) for r in records if key in r]
+    return [s for s, _ in kept], [v for _, v in kept]
 
 
 def curves(run_dirs: list[str]) -> tuple[pa.Array, pa.Array]:
@@ -139,16 +143,17 @@ def all_curves(run_dirs: list[str], problems: list[str] | None = None
             else CURVE_LINE.empty_table()
         if lines.num_rows != counts.sum():  # a blank line, or two objects on one: rows would shift between runs
             raise ValueError("lines and rows differ")
-    except (pa.ArrowInvalid, ValueError):
+    except (pa.ArrowInvalid, ValueError):  # file by file, each read once
+        read = [read_metrics(d) for d in run_dirs]
         if problems is not None:
-            problems += [f"{Path(d).parent.name}/{Path(d).name}: {why}: curve skipped" for d in run_dirs
-                         if (why := read_metrics(d)[1])]
-        per_run = [curve(Path(d)) for d in run_dirs]
-        per_run_val = [curve(Path(d), "val_loss") for d in run_dirs]
-        return (pa.array([s for s, _ in per_run], pa.list_(pa.int64())),
-                pa.array([v for _, v in per_run], pa.list_(pa.float64())),
-                pa.array([s for s, _ in per_run_val], pa.list_(pa.int64())),
-                pa.array([v for _, v in per_run_val], pa.list_(pa.float64())))
+            problems += [f"{Path(d).parent.name}/{Path(d).name}: {why}: curve skipped"
+                         for d, (_, why) in zip(run_dirs, read, strict=True) if why]
+        out = []
+        for key in ("loss", "val_loss"):
+            points = [_points(records, key) for records, _ in read]
+            out += [pa.array([s for s, _ in points], pa.list_(pa.int64())),
+                    pa.array([v for _, v in points], pa.list_(pa.float64()))]
+        return tuple(out)
     # numpy <-> Arrow through raw buffers: Arrow's conversions of numpy or Python values import pandas.
     mask = pc.is_null(lines.column("val_loss")).combine_chunks()
     bits = np.unpackbits(np.frombuffer(mask.buffers()[1], np.uint8), bitorder="little")

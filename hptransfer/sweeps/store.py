@@ -557,6 +557,40 @@ def read_metrics(run_dir: Path | str) -> tuple[list[dict[str, Any]], str | None]
     return records, None
 
 
+def latest_loss(run_dir: Path, tail: int = 4096) -> float | None:
+    """The last training loss in metrics.jsonl, from its last few KB (the file grows with every step)."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the first (cut) line, or one being written
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("loss"), int | float):
+            return float(entry["loss"])
+    return None
+
+
+def planned_steps(run_dir: Path) -> int | None:
+    """train.steps of the run's frozen config.yaml, read as text (no YAML parser: status imports none)."""
+    try:
+        text = (run_dir / "config.yaml").read_text()
+    except OSError:
+        return None
+    section = False
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            section = line.rstrip() == "train:"
+        elif section and line.strip().startswith("steps:"):
+            value = line.split(":", 1)[1].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
 def heartbeat(run_dir: Path) -> dict[str, Any] | None:
     """{pid, host, step, time} as training last wrote it; None when missing or not of that shape."""
     try:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from hptransfer.config.derived import flatten
 from hptransfer.config.frozen import run_config
 from hptransfer.errors import HptError
 
@@ -157,17 +158,6 @@ def _close_quietly(tracker: Tracker, status: str | None) -> None:
         tracker.close(status)
 
 
-def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys (`optim.lr`), as MLflow's parameters want it."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class TensorBoard:
     """PyTorch's own SummaryWriter into `<run_dir>/tb/`."""
 
@@ -213,7 +203,7 @@ class MLflow:
             mlflow.set_experiment(sweep or "hptransfer")
         mlflow.start_run(run_name=run_id, tags={"hpt.run_id": run_id, "hpt.sweep": sweep or "",
                                                 "hpt.run_dir": str(run_dir), "hpt.first_step": str(step0)})
-        mlflow.log_params(flat(config))
+        mlflow.log_params(flatten(config))  # dotted keys, as MLflow's parameters want them
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.mlflow.log_metrics(values, step=step)
