@@ -269,3 +269,15 @@ def test_the_schemas_mup_family_is_the_tables():
     code = ("import hptransfer.config.schema as s; s.MUP_FAMILY = ('mup',); import hptransfer.train.param")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and "MUP_FAMILY" in proc.stderr  # a schema list that drifts fails at import
+
+
+def test_hpt_params_shows_an_overridden_exponent_and_what_it_does():
+    """`hpt params` prints the exponents in force, the overridden one marked, and the tensors they drive."""
+    plain = cli("params", "param=mup", "model.width=256", "param.base_width=128")
+    moved = cli("params", "param=mup", "model.width=256", "param.base_width=128", "param.exponents.R.c=1")
+    assert plain.returncode == moved.returncode == 0, moved.stderr
+    readout = [ln.split() for ln in moved.stdout.splitlines() if ln.strip().startswith("R ")]
+    assert readout == [["R", "1", "0", "1*", "1"]] and "1*" not in plain.stdout
+    lr_of = {out: next(ln.split()[7] for ln in out.splitlines() if ln.strip().startswith("lm_head.weight"))
+             for out in (plain.stdout, moved.stdout)}
+    assert float(lr_of[moved.stdout]) == pytest.approx(float(lr_of[plain.stdout]) / 2)  # m = 2: lr / m
