@@ -16,7 +16,7 @@ import pytest
 
 from hptransfer.analysis.analyze import analyze
 from hptransfer.analysis.load import find_groups, load_results
-from hptransfer.analysis.optimum import Curve, find_optimum, quantile
+from hptransfer.analysis.optimum import Curve, find_optimum, local_fit, quantile
 from hptransfer.analysis.predict import predict
 from hptransfer.analysis.summary import fmt_loss, fmt_scale, summary
 from hptransfer.formats import fmt_lr
@@ -482,3 +482,12 @@ def test_the_verdict_compares_measured_losses_and_says_what_is_fitted() -> None:
         curve = next(c for c in r.curves if c.scale == 1024)
         mean, _ = curve.mean()
         assert largest.loss_best == np.nanmin(mean[~curve.diverged.any(axis=1)])
+
+
+@pytest.mark.parametrize("offset", [1.5, 1.6, 2.0, 3.7])
+def test_the_local_fit_finds_an_exact_parabolas_minimum(offset):
+    """A symmetric bowl makes the cubic's leading term rounding noise; the minimum must not move with it
+    (it moved by a quarter grid step at offset 1.6 before that term was dropped)."""
+    x = np.arange(-5.0, 0.0)
+    fit = local_fit(x, (x + 3) ** 2 / 10 + offset, np.arange(5))
+    assert fit.kind == "cubic" and fit.x_opt == pytest.approx(-3.0, abs=1e-9)

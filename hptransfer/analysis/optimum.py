@@ -62,7 +62,8 @@ class Curve:
     @classmethod
     def from_runs(cls, runs: pd.DataFrame, scale: float, metric: str) -> "Curve":
         """Pivot one scale point's completed and diverged runs into the (lr, seed) grid."""
-        seed = runs[SEED_COLUMN].fillna(-1) if SEED_COLUMN in runs.columns else np.zeros(len(runs))
+        column = next((c for c in (SEED_COLUMN, "cfg.train.seed") if c in runs.columns), None)  # or an old table's
+        seed = runs[column].fillna(-1) if column else np.zeros(len(runs))
         value = pd.to_numeric(runs[metric], errors="coerce").to_numpy(float)
         ok = (runs["status"] == "completed").to_numpy() & np.isfinite(value)
         clip = (pd.to_numeric(runs[CLIP_COLUMN], errors="coerce").to_numpy(float) if CLIP_COLUMN in runs.columns
@@ -179,6 +180,10 @@ def _poly_minimum(coef: np.ndarray, lo: float, hi: float) -> float | None:
     """The local minimum of the polynomial (ascending coefficients) within [lo, hi], or None."""
     deriv = np.polynomial.polynomial.polyder(coef)
     second = np.polynomial.polynomial.polyder(deriv)
+    # A negligible leading term (a cubic through a symmetric bowl) is dropped: polyroots divides by it, and
+    # a coefficient of rounding size throws the real root off (by a quarter grid step, on an exact parabola).
+    while len(deriv) > 1 and abs(deriv[-1]) < 1e-9 * np.max(np.abs(deriv)):
+        deriv = deriv[:-1]
     roots = np.polynomial.polynomial.polyroots(deriv) if np.any(deriv[1:]) else np.array([])
     found = [float(r.real) for r in np.atleast_1d(roots)
              if abs(r.imag) < 1e-12 and lo <= r.real <= hi
