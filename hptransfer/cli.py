@@ -143,12 +143,16 @@ def _estimate(runs: list[Any], to_launch: list[str], launcher: Any, jobs: int | 
     """What launching costs: GPU-hours when SLURM GPUs are the target, else the wall time at the training
     rate measured here on the largest run's shape (a few steps), with as many runs at once as will run."""
     from hptransfer import views  # per command
+    from hptransfer.config import user  # per command
     from hptransfer.config.derived import run_flops  # per command
     from hptransfer.sweeps.backends.local import cpu_count, default_jobs, local_gpus  # per command
     from hptransfer.sweeps.plan import GPU_FLOPS_PER_S  # per command
 
     wanted = set(to_launch)
     launching = [r for r in runs if r.run_id in wanted]
+    if any(user.is_user_config(r.config) for r in launching):
+        return views.estimate([0.0] * len(launching),
+                              error="not estimated: hpt does not time your own code; one run of it tells")
     flops = [run_flops(r.config) for r in launching]
     if launcher.name == "slurm" and launcher.gpus_per_node > 0:
         return views.estimate(flops, gpu_flops_per_s=GPU_FLOPS_PER_S)

@@ -8,9 +8,10 @@ import hptransfer
 
 
 @cache
-def git_state() -> dict[str, str | bool | None]:
-    """{"git_commit", "git_dirty"} of the checkout hptransfer is imported from; None for an installed copy."""
-    pkg = Path(hptransfer.__file__).resolve().parent.parent
+def git_state(folder: str | None = None) -> dict[str, str | bool | None]:
+    """{"git_commit", "git_dirty"} of the checkout hptransfer is imported from (or of `folder`: a user's
+    project); None outside a git checkout (an installed copy)."""
+    pkg = Path(folder) if folder else Path(hptransfer.__file__).resolve().parent.parent
     state: dict[str, str | bool | None] = {"git_commit": None, "git_dirty": None}
     try:
         def git(*args: str) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from hptransfer.config import user
 from hptransfer.config.derived import FLOPS_FORMULA, run_flops
 from hptransfer.formats import fmt_lr, pow2_exponent
 from hptransfer.sweeps.state import counts
@@ -74,6 +75,12 @@ def plan_data(spec: "SweepSpec", runs: "list[Run]", to_launch: list[str], launch
         per_axis[r.point[spec.axis.key]].append(r)
     rows, total = [], 0
     for value, group in per_axis.items():
+        if spec.is_user:  # the user's code: what hpt knows of it is its config (steps, if a key says)
+            steps_key = spec.run["columns"].get("steps")
+            steps = sorted({user.get(r.config, steps_key) for r in group}) if steps_key else []
+            rows.append({"value": value, "runs": len(group), "heads": [], "steps": steps, "tokens_per_run": [],
+                         "flops_per_run": [], "lr_factor": []})
+            continue
         fields = [derived_fields(r.config) for r in group]
         flops = [run_flops(r.config) for r in group]
         total += sum(flops)
@@ -89,8 +96,9 @@ def plan_data(spec: "SweepSpec", runs: "list[Run]", to_launch: list[str], launch
         "runs": len(runs), "to_launch": len(to_launch), "done_or_live": len(runs) - len(to_launch),
         "run_ids_to_launch": list(to_launch),
         "dims": [{"key": d.key, "axis": d is spec.axis, "values": list(d.values)} for d in spec.dims],
-        "axis": spec.axis.key, "per_axis": rows, "flops": total, "flops_formula": FLOPS_FORMULA,
-        "estimate": estimate,
+        "axis": spec.axis.key, "per_axis": rows, "flops": None if spec.is_user else total,
+        "flops_formula": None if spec.is_user else FLOPS_FORMULA, "estimate": estimate,
+        "run": spec.run and {k: spec.run[k] for k in ("target", "command", "columns")},
     }
 
 
@@ -127,16 +135,23 @@ def plan(data: dict[str, Any]) -> Group:
                      str(len(d["values"])))
     derived = Table(short(data["axis"]), "runs", "heads", "steps", "tokens/run", "FLOPs/run", "lr x (rules)",
                     box=None, header_style="bold", title="derived per axis value", title_justify="left")
+    if data.get("run"):  # the user's code: what it runs instead of the derived figures hpt cannot know
+        derived = Table(short(data["axis"]), "runs", "steps", box=None, header_style="bold", title_justify="left",
+                        title=f"runs {data['run']['target'] or data['run']['command']}")
     for row in data["per_axis"]:
         def join(key: str, fmt: Any = str, row: dict[str, Any] = row) -> str:
             return ", ".join(fmt(v) for v in row[key])
 
+        if data.get("run"):
+            derived.add_row(fmt_value(row["value"]), str(row["runs"]), join("steps"))
+            continue
         derived.add_row(fmt_value(row["value"]), str(row["runs"]), join("heads"), join("steps"), join("tokens_per_run"),
                         join("flops_per_run", fmt_flops), join("lr_factor", lambda x: f"{x:.3g}"))
     totals = Text.assemble(
         ("total: ", "bold"),
         f"{data['runs']} runs, {data['to_launch']} to launch ({data['done_or_live']} done or live), ",
-        f"{fmt_flops(data['flops'])} training FLOPs; launcher: {data['launcher']}")
+        f"{'unknown' if data['flops'] is None else fmt_flops(data['flops'])} training FLOPs; "
+        f"launcher: {data['launcher']}")
     return Group(dims, Text(), derived, Text(), totals, *_estimate_lines(data["estimate"]))
 
 
@@ -159,7 +174,7 @@ def slurm_plan(launcher: "SlurmLauncher", size: int, script: str, to_launch: int
     lines = [Text(f"SLURM: {to_launch} runs as {n_arrays} job array(s) of at most {size} (MaxArraySize), "
                   f"{launcher.array_parallelism} at once, {launcher.timeout_min} min each, requeued up to "
                   f"{launcher.max_requeue} times on timeout")]
-    if any(r.config["train"]["checkpoint_every"] == 0 for r in runs):
+    if any(r.config.get("train", {}).get("checkpoint_every") == 0 for r in runs):
         lines.append(Text("warning: train.checkpoint_every is 0: a requeued run restarts from step 0", "yellow"))
     return Group(Text(), *lines, Text("sbatch script of the first array:", "bold"),
                  Text(script))

@@ -27,9 +27,11 @@ AXES: dict[str, tuple[str, ...]] = {
     "tokens": ("cfg.train.tokens", "cfg.train.steps"),
 }
 LR_COLUMN = "lr"
-SEED_COLUMN = "cfg.train.seed"
-# Swept within a group (lr, seed) or the group's own name (param.name = the parameterization).
-SWEPT_COLUMNS = ("cfg.optim.lr", SEED_COLUMN, "cfg.param.name")
+SEED_COLUMN = "seed"
+# Swept within a group (lr, seed) or the group's own name (param.name = the parameterization); a sweep of
+# the user's code names its own keys for them (any config column equal to one of these columns, run for run).
+SWEPT_COLUMNS = ("cfg.optim.lr", "cfg.train.seed", "cfg.param.name")
+ROLE_COLUMNS = (LR_COLUMN, SEED_COLUMN, "parameterization")
 # Settings that do not change what is trained, so runs differing only in them belong together.
 BOOKKEEPING = ("cfg.launcher.", "cfg.train.log_every", "cfg.train.checkpoint_every", "cfg.train.device",
                "cfg.train.compile")
@@ -135,11 +137,23 @@ def find_groups(df: pd.DataFrame) -> list[Group]:
 def _candidate_columns(rows: pd.DataFrame, axis: str) -> list[str]:
     """Config columns (and the other axes' coordinates) that could hold a group's fixed values."""
     own = AXES[axis]
+    roles = [c for c in (axis, *ROLE_COLUMNS) if c in rows.columns]
     cfg = [
         c for c in rows.columns
         if c.startswith("cfg.") and c not in own and c not in SWEPT_COLUMNS and not c.startswith(BOOKKEEPING)
+        and not any(_same(rows[c], rows[r]) for r in roles)
     ]
     return cfg + [a for a in AXES if a != axis and a in rows.columns]
+
+
+def _same(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two columns hold the same values run for run (the user's key behind a column of the contract)."""
+    if not a.isna().equals(b.isna()):
+        return False
+    a, b = a[a.notna()], b[b.notna()]
+    if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+        return bool(np.array_equal(a.to_numpy(float), b.to_numpy(float)))
+    return bool((a.astype(str) == b.astype(str)).all())
 
 
 def _context_columns(rows: pd.DataFrame, axis: str, candidates: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ package's groups on the search path. Both return a validated `DictConfig`.
 """
 
 import re
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from hptransfer.config import user
 from hptransfer.config.schema import RunConfig, error_message, is_key, nearest_key, unknown_key_message, validate
 from hptransfer.errors import HptError
 
@@ -39,18 +41,18 @@ def _message(err: Exception) -> str:
     return error_message(err)
 
 
-def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(config_dir: Path, config_name: str, overrides: list[str],
+             explain: Callable[[Exception], str] = _message, *, groups: bool = True) -> DictConfig:
+    """Hydra's composition, with the package's groups on the search path unless `groups` is false."""
     GlobalHydra.instance().clear()
+    search = [f"hydra.searchpath=[file://{GROUPS_DIR}]"] if groups else []
     try:
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-            cfg = compose(
-                config_name=config_name,
-                overrides=[f"hydra.searchpath=[file://{GROUPS_DIR}]", *overrides],
-            )
+            cfg = compose(config_name=config_name, overrides=[*search, *overrides])
     except HptError:
         raise
     except Exception as err:  # Hydra raises many types; all mean "this config is wrong"
-        raise HptError(_message(err)) from None
+        raise HptError(explain(err)) from None
     finally:
         GlobalHydra.instance().clear()
     return cfg
@@ -82,3 +84,39 @@ def compose_file(path: Path, overrides: list[str] | None = None) -> DictConfig:
     return run
 
 
+def compose_user_file(path: Path, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a sweep file of the user's own code (config/user.py): their keys, `run`, `sweep`, `launcher`.
+
+    Hydra composes the file without the package's groups (a key of theirs named `model` or `param` is
+    theirs, not a group). The launcher is hpt's: the group file `launcher=NAME` picks (else the file's
+    `launcher.name`, else local), under the file's `launcher:` block, under `launcher.KEY=VALUE` overrides.
+    An override of a key the file lacks names the nearest of the user's keys.
+    """
+    path = Path(path)
+    overrides = list(overrides or [])
+    ours = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] == "launcher"]
+    raw = OmegaConf.load(path)
+
+    def explain(err: Exception) -> str:
+        missing = NO_SUCH_KEY.search(str(err))
+        if missing and missing.group(1).split(".")[0] not in ("sweep", "run"):
+            return str(user.unknown_key(missing.group(1), OmegaConf.to_container(raw)))
+        return error_message(err)
+
+    cfg = _compose(path.parent, path.stem, [o for o in overrides if o not in ours], explain, groups=False)
+    OmegaConf.set_struct(cfg, False)
+    block = cfg.pop("launcher", None) or OmegaConf.create({})
+    picked = [o.split("=", 1)[1] for o in ours if o.lstrip("+").split("=", 1)[0] == "launcher"]
+    name = picked[-1] if picked else block.get("name", "local")
+    group = GROUPS_DIR / "launcher" / f"{name}.yaml"
+    if not group.is_file():
+        known = ", ".join(sorted(p.stem for p in group.parent.glob("*.yaml")))
+        raise HptError(f"config key 'launcher': '{name}' is not one of {known}")
+    if block.get("name", name) != name:  # the command line chose another launcher: the file's settings are not for it
+        block = OmegaConf.create({})
+    dotted = [o.lstrip("+").removeprefix("launcher.") for o in ours if "." in o.split("=", 1)[0]]
+    try:
+        cfg.launcher = OmegaConf.merge(OmegaConf.load(group), block, OmegaConf.from_dotlist(dotted))
+    except Exception as err:  # OmegaConf's grammar errors in a launcher.KEY=VALUE override
+        raise HptError(f"bad launcher override: {error_message(err)}") from None
+    return cfg

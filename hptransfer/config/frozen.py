@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hptransfer.config import user
 from hptransfer.config.schema import LATER_KEYS, RUN_KEYS, error_message, validate
 from hptransfer.errors import HptError
 
@@ -79,7 +80,10 @@ def canonical_json(frozen: dict[str, Any]) -> str:
 
 def identity_json(frozen: dict[str, Any]) -> str:
     """The JSON text a run's id hashes: the canonical JSON without the later keys left at their defaults
-    (schema.LATER_KEYS), so a run frozen before a key existed keeps its id."""
+    (schema.LATER_KEYS), so a run frozen before a key existed keeps its id; for a run of the user's code,
+    their keys and what runs (config/user.py's `identity`)."""
+    if user.is_user_config(frozen):
+        return canonical_json(user.identity(frozen))
     return canonical_json(without_later_defaults(frozen))
 
 

@@ -10,6 +10,7 @@ sweeps, and a sweep that never set a value still has the column (null).
 
 import dataclasses
 import io
+import json
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from hptransfer.config import user
+from hptransfer.config.derived import flatten
 from hptransfer.config.schema import RunConfig
 from hptransfer.files import arrow_table, write_atomic
 from hptransfer.sweeps.state import run_states
@@ -37,6 +40,7 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("error", pa.string()),
     # the scaling coordinates
     ("width", pa.int64()), ("depth", pa.int64()), ("parameterization", pa.string()), ("lr", pa.float64()),
+    ("seed", pa.int64()),
     # hyperparameters after the batch/duration rules, as training applied them
     ("effective.lr", pa.float64()), ("effective.beta1", pa.float64()), ("effective.beta2", pa.float64()),
     ("effective.eps", pa.float64()), ("effective.weight_decay", pa.float64()),
@@ -209,17 +213,47 @@ def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
     problems = [f"{folder.name}/{s.run_id}: {s.reason}: skipped" for s in states
                 if s.result is None and s.reason.startswith(("corrupt", "partial", "unreadable"))]
     results = arrow_table([result_row(folder, s) for s in states], pa.schema(RESULT_COLUMNS))
-    cfg = config_table([configs[s.run_id] for s in states])
-    # The scaling coordinates and the planned tokens (a run without a result) come from the config.
-    planned = pc.multiply(pc.multiply(cfg["cfg.train.steps"], cfg["cfg.train.batch_size"]), cfg["cfg.train.seq_len"])
-    coords = {"tokens": pc.coalesce(results["tokens"], planned), "batch_size": cfg["cfg.train.batch_size"],
-              "seq_len": cfg["cfg.train.seq_len"], "width": cfg["cfg.model.width"],
-              "depth": cfg["cfg.model.n_layers"], "parameterization": cfg["cfg.param.name"], "lr": cfg["cfg.optim.lr"]}
+    frozen = [configs[s.run_id] for s in states]
+    if frozen and '"run":' in frozen[0] and user.is_user_config(json.loads(frozen[0])):
+        cfg, coords = _user_columns(folder, [json.loads(c) for c in frozen], results)
+    else:
+        cfg = config_table(frozen)
+        # The scaling coordinates and the planned tokens (a run without a result) come from the config.
+        planned = pc.multiply(pc.multiply(cfg["cfg.train.steps"], cfg["cfg.train.batch_size"]),
+                              cfg["cfg.train.seq_len"])
+        coords = {"tokens": pc.coalesce(results["tokens"], planned), "batch_size": cfg["cfg.train.batch_size"],
+                  "seq_len": cfg["cfg.train.seq_len"], "width": cfg["cfg.model.width"],
+                  "depth": cfg["cfg.model.n_layers"], "parameterization": cfg["cfg.param.name"],
+                  "lr": cfg["cfg.optim.lr"], "seed": cfg["cfg.train.seed"]}
     for name, column in coords.items():
         results = results.set_column(results.schema.get_field_index(name), name, column)
     curve_columns = all_curves([f"{folder.path}/{s.run_id}" for s in states], problems)
     columns = [*results.columns, *cfg.columns, *curve_columns]
-    return pa.Table.from_arrays(columns, schema=SCHEMA), problems
+    schema = SCHEMA if cfg.schema.names == [n for n, _ in CONFIG_COLUMNS] else pa.schema(
+        RESULT_COLUMNS + list(zip(cfg.schema.names, cfg.schema.types, strict=True)) + CURVE_COLUMNS)
+    return pa.Table.from_arrays(columns, schema=schema), problems
+
+
+def _user_columns(folder: SweepFolder, frozen: list[dict[str, Any]], results: pa.Table
+                  ) -> tuple[pa.Table, dict[str, pa.Array]]:
+    """A sweep of the user's code: `cfg.*` from their keys (types as their values have them) and what runs,
+    and the scaling coordinates from the keys `run.columns` names (the sweep's name stands for a
+    parameterization no key names)."""
+    rows = [flatten({**user.user_keys(c), "run": {k: c["run"][k] for k in ("target", "command")}}) for c in frozen]
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    cfg = pa.table({f"cfg.{k}": pa.array([r.get(k) for r in rows]) for k in names})
+    columns = frozen[0]["run"]["columns"]
+
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        key = columns.get(name)
+        values = [user.get(c, key) if key and user.has(c, key) else None for c in frozen]
+        return pa.array(values).cast(kind) if key else pa.nulls(len(frozen), kind)
+
+    coords = {name: column(name, kind) for name, kind in RESULT_COLUMNS if name in user.COLUMNS and name != "tokens"}
+    coords["tokens"] = pc.coalesce(results["tokens"], column("tokens", pa.int64()))
+    if "parameterization" not in columns:
+        coords["parameterization"] = pa.array([folder.name] * len(frozen), pa.string())
+    return cfg, coords
 
 
 def collect(folders: list[SweepFolder]) -> tuple[pa.Table, list[str]]:
@@ -229,7 +263,8 @@ def collect(folders: list[SweepFolder]) -> tuple[pa.Table, list[str]]:
         table, found = sweep_table(folder)
         tables.append(table)
         problems += found
-    return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), problems
+    # Sweeps of the user's code bring their own cfg.* columns: the union of all, null where a sweep has none.
+    return (pa.concat_tables(tables, promote_options="permissive") if tables else SCHEMA.empty_table()), problems
 
 
 def write(table: pa.Table, out: Path) -> None:

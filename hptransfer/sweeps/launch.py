@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from hptransfer.config import user
 from hptransfer.config.derived import run_flops
 from hptransfer.config.schema import unknown_key_message
 from hptransfer.errors import HptError
@@ -74,7 +75,10 @@ def failed_runs(folder: SweepFolder, run_ids: list[str]) -> int:
 
 
 def largest_first(runs: list[Run]) -> list[str]:
-    """Run ids, most compute first: a sweep on N slots ends sooner when its long runs do not start last."""
+    """Run ids, most compute first: a sweep on N slots ends sooner when its long runs do not start last.
+    The user's code has no FLOPs formula here: its runs go in the plan's order."""
+    if any(user.is_user_config(r.config) for r in runs):
+        return [r.run_id for r in runs]
     return [r.run_id for r in sorted(runs, key=lambda r: -run_flops(r.config))]
 
 

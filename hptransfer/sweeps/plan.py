@@ -33,7 +33,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config.compose import compose_file
+from hptransfer.config import user
+from hptransfer.config.compose import compose_file, compose_user_file
 from hptransfer.config.derived import SEED_KEY, flatten, heads_and_dim, steps_for_tokens, tokens_of
 from hptransfer.config.frozen import canonical_json, id_of, identity_json, run_config
 from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, nearest_key, typed_value, validate
@@ -41,6 +42,7 @@ from hptransfer.errors import HptError
 from hptransfer.train.data import check_source
 from hptransfer.train.rules import apply_rules
 
+SCALING_COLUMNS = ("width", "depth", "batch_size", "tokens")  # the results table's scaling coordinates
 GROUPS = frozenset({"model", "param", "optim", "data", "train", "launcher"})  # Hydra config groups
 # Sustained training throughput assumed for GPU-hour estimates: an H100 at ~40% of its bf16 peak.
 GPU_FLOPS_PER_S = 4e14
@@ -64,6 +66,12 @@ class SweepSpec:
     overrides: list[str]  # plain overrides, composed into every run
     composed: DictConfig  # the file composed with `overrides`, with the `sweep` block as written
     notes: list[str] = field(default_factory=list)  # what `expand` checked only in part (a sampled data file)
+    run: dict[str, Any] | None = None  # the resolved `run:` block of a sweep of the user's code (config/user.py)
+    seed_key: str = SEED_KEY  # the key the seeds set
+
+    @property
+    def is_user(self) -> bool:
+        return self.run is not None
 
     @property
     def axis(self) -> Dim:
@@ -88,7 +96,14 @@ class Run:
 def load(path: Path, overrides: list[str] | None = None, *, name: str | None = None) -> SweepSpec:
     """Compose the sweep file with the command line's overrides into a SweepSpec."""
     sweeps, plain = _parse_overrides(list(overrides or []))
-    composed = compose_file(Path(path), [o.input_line for o in plain])
+    path = Path(path)
+    run = None
+    if user.is_user_file(path):  # a sweep of the user's code: their keys, no config groups but the launcher
+        composed = compose_user_file(path, [o.input_line for o in plain])
+        run = user.run_block(composed.get("run"), path)
+        user.check_runnable(run)
+    else:
+        composed = compose_file(path, [o.input_line for o in plain])
     block = composed.get("sweep")
     if not isinstance(block, DictConfig):
         raise HptError(f"{path} has no 'sweep:' block (see conf/width.yaml)")
@@ -99,9 +114,11 @@ def load(path: Path, overrides: list[str] | None = None, *, name: str | None = N
     grid = OmegaConf.to_container(block.get("grid") or OmegaConf.create({}), resolve=True)
     # `{optim: {lr: [...]}}` and `{optim.lr: [...]}` both name the dimension 'optim.lr'.
     dims += [Dim(k, _values(f"sweep.grid.{k}", v)) for k, v in flatten(grid, keep=lambda v: "log2" in v).items()]
-    if any(d.key == SEED_KEY for d in dims):
-        raise HptError(f"set seeds with sweep.seeds, not with a '{SEED_KEY}' grid entry")
-    dims.append(Dim(SEED_KEY, _values("sweep.seeds", block.get("seeds", [0]))))
+    keys = user.user_keys(OmegaConf.to_container(composed)) if run else None
+    seed_key = SEED_KEY if keys is None else _user_seed_key(keys, run)
+    if any(d.key == seed_key for d in dims):
+        raise HptError(f"set seeds with sweep.seeds, not with a '{seed_key}' grid entry")
+    dims.append(Dim(seed_key, _values("sweep.seeds", block.get("seeds", [0]))))
     for key, values in sweeps.items():
         dims = _set_dim(dims, Dim(key, values))
     swept = {d.key for d in dims}
@@ -109,17 +126,31 @@ def load(path: Path, overrides: list[str] | None = None, *, name: str | None = N
         if o.key_or_group in swept:
             dims = _set_dim(dims, Dim(o.key_or_group, (o.value(),)))
     for d in dims:
-        if d.key.split(".")[0] not in RunConfig.__dataclass_fields__ or d.key == "launcher":
+        if keys is not None:
+            if not user.has(keys, d.key):
+                raise user.unknown_key(d.key, keys, "cannot sweep")
+        elif d.key.split(".")[0] not in RunConfig.__dataclass_fields__ or d.key == "launcher":
             near = nearest_key(d.key) if d.key != "launcher" else None
             raise HptError(f"cannot sweep '{d.key}': not a run config key or group"
                            + (f" (did you mean {near}?)" if near and not near.startswith("launcher") else ""))
-    sweep_name = str(name or block.get("name") or Path(path).stem)
+    sweep_name = str(name or block.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", sweep_name):
         raise HptError(f"bad sweep name '{sweep_name}': use letters, digits, '.', '_' and '-'")
     shared = [o.input_line for o in plain if o.key_or_group not in swept]
     if len(shared) < len(plain):  # the shared config must not carry one point's group choice
-        composed = compose_file(Path(path), shared)
-    return SweepSpec(sweep_name, Path(path), dims, shared, composed)
+        composed = compose_user_file(path, shared) if run else compose_file(path, shared)
+    if run is not None:
+        run["columns"] = user.find_columns(keys, run["columns"])
+    return SweepSpec(sweep_name, path, dims, shared, composed, run=run, seed_key=seed_key)
+
+
+def _user_seed_key(keys: dict[str, Any], run: dict[str, Any]) -> str:
+    """The user's key that takes each run's seed (`run.columns.seed`, else train.seed or seed)."""
+    found = user.find_columns(keys, run["columns"]).get("seed")
+    if found is None:
+        raise HptError("a sweep of your code needs a seed key its runs read: add 'seed: 0' to the sweep file "
+                       "(or name yours with run.columns.seed)")
+    return found
 
 
 def _parse_overrides(overrides: list[str]) -> tuple[dict[str, tuple[Any, ...]], list[Override]]:
@@ -194,6 +225,8 @@ def expand(spec: SweepSpec) -> list[Run]:
     swept values (typed by the schema, once per value) set, checked and hashed as plain data: the
     same config, to the bit, as validating every point through OmegaConf (a test), ~100x faster.
     """
+    if spec.is_user:
+        return _expand_user(spec)
     keys = [d.key for d in spec.dims]
     group_keys = [k for k in keys if k in GROUPS]
     typed = [None if d.key in GROUPS else [typed_value(d.key, v) for v in d.values] for d in spec.dims]
@@ -221,6 +254,33 @@ def expand(spec: SweepSpec) -> list[Run]:
             raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
         runs[rid] = Run(rid, point, cfg, canon)
     spec.notes = check_data(list(runs.values()))
+    return list(runs.values())
+
+
+def _expand_user(spec: SweepSpec) -> list[Run]:
+    """Every point of a sweep of the user's code: their keys with the swept values set (interpolations
+    resolved after, as on Hydra's command line), checked by their schema, with the resolved run block."""
+    base = user.user_keys(OmegaConf.to_container(spec.composed))
+    interpolated = "${" in json.dumps(base)
+    runs: dict[str, Run] = {}
+    for index in itertools.product(*(range(len(d.values)) for d in spec.dims)):
+        point = {d.key: d.values[i] for d, i in zip(spec.dims, index, strict=True)}
+        keys = _with_values(base, point)
+        if interpolated:
+            keys = OmegaConf.to_container(OmegaConf.create(keys), resolve=True)
+        cfg = {**user.validate(keys, spec.run), "run": spec.run}
+        rid = id_of(identity_json(cfg))
+        if rid in runs:
+            raise HptError(f"grid points {runs[rid].point} and {point} are the same run: a swept key has no effect")
+        runs[rid] = Run(rid, point, cfg, canonical_json(cfg))
+    columns = spec.run["columns"]
+    spec.notes = []
+    if "lr" not in columns:
+        spec.notes.append("no key of your config is the lr column, which `hpt analyze` optimizes: name it, "
+                          "e.g. run.columns.lr: optim.lr")
+    if spec.axis.key not in [columns.get(a) for a in SCALING_COLUMNS]:
+        spec.notes.append(f"the axis '{spec.axis.key}' is none of the scaling columns ({', '.join(SCALING_COLUMNS)}) "
+                          f"`hpt analyze` reads: name it, e.g. run.columns.width: {spec.axis.key}")
     return list(runs.values())
 
 

@@ -231,10 +231,11 @@ class SweepFolder:
         with suppress(HptError, KeyError, TypeError, AttributeError):
             s = (self.definition() or {})["sweep"]
             grid = s.get("grid") or {}
+            seed_key = s.get("seed_key", SEED_KEY)
             order = {s["axis"]["key"]: list(s["axis"].get("values") or []),
                      **{k: list(v) for k, v in grid.items() if isinstance(v, list)},
-                     SEED_KEY: list(s.get("seeds") or [])}
-            swept = swept or [s["axis"]["key"], *grid, SEED_KEY]
+                     seed_key: list(s.get("seeds") or [])}
+            swept = swept or [s["axis"]["key"], *grid, seed_key]
         flat = {rid: flatten(cfg) for rid, cfg in configs.items()}
         if swept is None:  # no sweep.yaml either: the keys that vary
             values: dict[str, set] = {}
@@ -338,6 +339,7 @@ def sweep_definition(spec: "SweepSpec") -> dict[str, Any]:
         "axis": {"key": axis.key, "values": list(axis.values)},
         "grid": {d.key: list(d.values) for d in grid},
         "seeds": list(seeds.values),
+        **({"seed_key": spec.seed_key} if spec.seed_key != SEED_KEY else {}),
     }
     return cfg
 
@@ -354,7 +356,7 @@ def definition_key(definition: dict[str, Any]) -> dict[str, Any]:
     d = without_later_defaults(json.loads(json.dumps(definition)))
     s = d.pop("sweep")
     d.pop("launcher", None)
-    swept = [s["axis"]["key"], *s["grid"], SEED_KEY]
+    swept = [s["axis"]["key"], *s["grid"], s.get("seed_key", SEED_KEY)]
     for key in swept:
         *path, leaf = key.split(".")
         node = d
@@ -576,18 +578,31 @@ def latest_loss(run_dir: Path, tail: int = 4096) -> float | None:
 
 
 def planned_steps(run_dir: Path) -> int | None:
-    """train.steps of the run's frozen config.yaml, read as text (no YAML parser: status imports none)."""
+    """The steps a run trains, from its frozen config.yaml read as text (no YAML parser: status imports none):
+    train.steps, or for the user's code the key `run.columns.steps` names (if any)."""
     try:
         text = (run_dir / "config.yaml").read_text()
     except OSError:
         return None
-    section = False
+    key = _yaml_value(text, "run.columns.steps") if "\nrun:" in text or text.startswith("run:") else "train.steps"
+    value = _yaml_value(text, key) if key else None
+    return int(value) if value and value.isdigit() else None
+
+
+def _yaml_value(text: str, key: str) -> str | None:
+    """The scalar at a dotted key of YAML as config.frozen.to_yaml writes it (two-space indents, block maps)."""
+    parts, depth = key.split("."), 0
     for line in text.splitlines():
-        if line and not line[0].isspace():
-            section = line.rstrip() == "train:"
-        elif section and line.strip().startswith("steps:"):
-            value = line.split(":", 1)[1].strip()
-            return int(value) if value.isdigit() else None
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or line.lstrip().startswith("#") or indent > 2 * depth:
+            continue
+        if indent < 2 * depth:
+            return None  # the section ended without the key
+        name, _, value = line.strip().partition(":")
+        if name.strip("'\"") == parts[depth]:
+            if depth == len(parts) - 1:
+                return value.strip().strip("'\"") or None
+            depth += 1
     return None
 
 
