@@ -659,7 +659,7 @@ def params(
     """
     from hptransfer.config.compose import compose_run  # per command
     from hptransfer.train.model import param_specs  # per command
-    from hptransfer.train.param import preset_of  # per command
+    from hptransfer.train.param import SPEC_COLUMNS, preset_of  # per command
 
     cfg = compose_run(overrides)
     specs = param_specs(cfg)
@@ -675,12 +675,9 @@ def params(
         abc = getattr(preset, cls)
         exponents.add_row(cls, *(f"{getattr(abc, e):g}" + ("*" if given[cls][e] is not None else "") for e in "abcg"))
     out.print(exponents)
-    table = Table("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps",
-                  box=None, header_style="bold")
+    table = Table(*SPEC_COLUMNS, box=None, header_style="bold")
     for s in specs.values():
-        std = "ones" if s.init_std is None else f"{s.init_std:.4g}"
-        table.add_row(s.name, "x".join(map(str, s.shape)), s.cls, f"{s.width_mult:g}", std, f"{s.fwd_mult:.4g}",
-                      f"{s.lr:.4g}", f"{s.weight_decay:.4g}", f"{s.eps:.3g}")
+        table.add_row(*s.cells())
     out.print(table)
 
 

@@ -69,9 +69,13 @@ def imports(root: Path) -> dict[str, list[tuple[str, int, bool]]]:
 
 
 def back_edges(root: Path) -> list[str]:
-    """Every import of a module from a higher layer, as 'importer -> imported (line)'."""
+    """Every import of a module from a higher layer, as 'importer -> imported (line)'.
+
+    One is allowed: the package top's lazy re-export of the library (`hptransfer.parameterize`, ...), an import
+    inside its PEP 562 `__getattr__`. It is the public API's address, and lazy so `import hptransfer` stays light.
+    """
     return [f"{mod} -> {target} (line {line})" for mod, found in imports(root).items()
-            for target, line, _ in found if layer(target) > layer(mod)]
+            for target, line, lazy in found if layer(target) > layer(mod) and not (mod == "hptransfer" and lazy)]
 
 
 def silent_lazy_imports(root: Path) -> list[str]:
@@ -114,7 +118,7 @@ def write(root: Path, files: dict[str, str]) -> Path:
 
 def test_the_checks_catch_a_back_edge_and_a_silent_lazy_import(tmp_path):
     root = write(tmp_path, {
-        "hptransfer/__init__.py": "",
+        "hptransfer/__init__.py": "def __getattr__(name):\n    from hptransfer.train import param  # lazy\n",  # allowed
         "hptransfer/config/__init__.py": "",
         "hptransfer/config/schema.py": "from hptransfer.train.param import PRESETS\n",  # config reaching up
         "hptransfer/train/__init__.py": "",

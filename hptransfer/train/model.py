@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from hptransfer.config.derived import heads_and_dim
-from hptransfer.train.param import TensorSpec, residual_mult, tensor_specs, uses_mup_attention
+from hptransfer.train.param import TensorSpec, attention_scale, residual_mult, tensor_specs, uses_mup_attention
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,7 @@ def build(cfg: DictConfig) -> tuple[GPT, dict[str, TensorSpec]]:
     base = dims_of(cfg, width=cfg.param.base_width, n_layers=cfg.param.base_depth)
     specs = param_specs(cfg)
     mults = {name.rsplit(".", 1)[0]: s.fwd_mult for name, s in specs.items() if s.cls != "V"}
-    if uses_mup_attention(cfg):
-        attn_scale = math.sqrt(base.head_dim) / d.head_dim  # 1/d_head, equal to SP's at the base
-    else:
-        attn_scale = 1.0 / math.sqrt(d.head_dim)
+    attn_scale = attention_scale(uses_mup_attention(cfg), d.head_dim, base.head_dim)
     model = GPT(d, mults, attn_scale, residual_mult(cfg))
     init_weights(model, specs)
     return model, specs

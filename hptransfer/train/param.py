@@ -4,14 +4,15 @@ Every preset is, per parameter class X (E embedding, H hidden matrix, R readout,
 V vector-like), the exponents of the abc table (docs/science.md#the-abc-table): forward
 multiplier m^(-a), init std sigma * m^(-b), learning rate eta * gamma * m^(-c), Adam epsilon
 eps * m^(-g); plus depth scaling (CompleteP / depth-muP, docs/science.md#depth) with exponent
-alpha. `tensor_specs` turns a config and the model's parameter shapes into one `TensorSpec` per
-tensor; the model and the optimizer read those and nothing else. `class_lr` is the one
+alpha. `tensor_spec` is the one per-tensor rule (LR, init std, forward multiplier, epsilon, decay):
+`tensor_specs` applies it to the built-in GPT from a config, `train.parameterization` to any
+module. The model and the optimizer read the specs and nothing else. `class_lr` is the one
 per-class learning-rate rule: training and `hpt predict` both ask it.
 """
 
-import re
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,6 +89,40 @@ class TensorSpec:
     weight_decay: float  # decay coefficient as the optimizer applies it (see wd_mode)
     eps: float          # Adam epsilon
 
+    def cells(self, v_init: str = "ones") -> list[str]:
+        """The row `hpt params` prints (SPEC_COLUMNS); `v_init` says what a V tensor starts as."""
+        std = v_init if self.init_std is None else f"{self.init_std:.4g}"
+        return [self.name, "x".join(map(str, self.shape)), self.cls, f"{self.width_mult:g}", std,
+                f"{self.fwd_mult:.4g}", f"{self.lr:.4g}", f"{self.weight_decay:.4g}", f"{self.eps:.3g}"]
+
+
+SPEC_COLUMNS = ("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything the per-tensor rule reads besides the tensor: the table row and the base hyperparameters.
+
+    The built-in GPT fills it from a config (`rules_of`), `parameterize` from its arguments.
+    """
+
+    preset: Preset
+    lr: float
+    init_std: float
+    eps: float
+    weight_decay: float = 0.0
+    wd_mode: str = "independent"
+    alignment: str = "full"
+    per_layer_eps: bool = False  # optim.eps_scaling=per_layer
+    wd_on_embeddings: bool = False
+    constant_init: bool = False  # init.scheme=constant: every b = 0
+    lr_mult: Mapping[str, float] = field(default_factory=dict)    # gamma_X (absent: 1)
+    init_mult: Mapping[str, float] = field(default_factory=dict)
+    out_mult: Mapping[str, float] = field(default_factory=dict)
+    alpha: float = 0.0     # depth exponent (0: no depth scaling)
+    depth_lr: float = 0.0  # H and in-block V LRs x mL^-depth_lr
+    m_depth: float = 1.0   # mL = L / L_base
+
 
 def classify(name: str, shape: tuple[int, ...]) -> str:
     """Parameter class from the model's naming: embeddings E, readout R, 1-D V, other matrices H."""
@@ -98,9 +133,15 @@ def classify(name: str, shape: tuple[int, ...]) -> str:
     return "V" if len(shape) == 1 else "H"
 
 
-def _base_name(name: str) -> str:
-    """Block i's tensor is compared with block 0's of the base model (depth changes the count)."""
-    return re.sub(r"^blocks\.\d+\.", "blocks.0.", name)
+def block0_name(name: str) -> str:
+    """Block i's tensor is compared with block 0's of the base model (depth changes the count): every
+    numeric path component (a ModuleList index) becomes 0."""
+    return ".".join("0" if part.isdigit() else part for part in name.split("."))
+
+
+def in_blocks(name: str) -> bool:
+    """A tensor inside a repeated block: its name has a numeric path component (depth scales it)."""
+    return any(part.isdigit() for part in name.split("."))
 
 
 def resolve_preset(name: str, exponents: Mapping[str, Mapping[str, float | None]] | None = None) -> Preset:
@@ -147,12 +188,16 @@ def _depth_override(cfg: DictConfig, key: str) -> float | None:
     return depth.get(key)
 
 
+def residual_multiplier(m_depth: float, alpha: float, override: float | None = None) -> float:
+    """Every residual branch is added as x + mL^-alpha * branch(norm(x)) (`override` replaces the exponent)."""
+    exponent = alpha if override is None else float(override)
+    return m_depth ** -exponent
+
+
 def residual_mult(cfg: DictConfig) -> float:
-    """Every residual branch is added as x + mL^-alpha * branch(norm(x)) (param.exponents.depth.residual
-    overrides the exponent)."""
-    override = _depth_override(cfg, "residual")
-    exponent = depth_alpha(cfg) if override is None else float(override)
-    return (cfg.model.n_layers / cfg.param.base_depth) ** -exponent
+    """The built-in GPT's residual multiplier (param.exponents.depth.residual overrides the exponent)."""
+    return residual_multiplier(cfg.model.n_layers / cfg.param.base_depth, depth_alpha(cfg),
+                               _depth_override(cfg, "residual"))
 
 
 def lr_exponent(abc: ABC, alignment: str) -> float:
@@ -175,65 +220,90 @@ def uses_mup_attention(cfg: DictConfig) -> bool:
     return scale == "inv" or (scale == "auto" and PRESETS[cfg.param.name].mup_attention)
 
 
+def attention_scale(mup: bool, head_dim: int, base_head_dim: int) -> float:
+    """Attention logits' scale: muP's 1/d_head, written sqrt(d_head_base) / d_head so that it equals SP's
+    1/sqrt(d_head) at the base model (docs/science.md#the-abc-table)."""
+    return math.sqrt(base_head_dim) / head_dim if mup else 1.0 / math.sqrt(head_dim)
+
+
+def rules_of(cfg: DictConfig) -> Rules:
+    """The built-in GPT's rules, from its run config."""
+    p, o = cfg.param, cfg.optim
+    alpha = depth_alpha(cfg)
+    return Rules(
+        preset=preset_of(cfg), lr=o.lr, init_std=cfg.init.std, eps=o.eps, weight_decay=o.weight_decay,
+        wd_mode=o.wd_mode, alignment=p.alignment, per_layer_eps=o.eps_scaling == "per_layer",
+        wd_on_embeddings=o.wd_on_embeddings, constant_init=cfg.init.scheme == "constant", lr_mult=dict(p.lr_mult),
+        init_mult=dict(p.init_mult), out_mult=dict(p.out_mult), alpha=alpha,
+        depth_lr=depth_lr_exponent(alpha, _depth_override(cfg, "lr")), m_depth=cfg.model.n_layers / p.base_depth,
+    )
+
+
+def tensor_spec(rules: Rules, name: str, cls: str, shape: tuple[int, ...], base: tuple[int, ...], *,
+                blocks: bool, zero_init: bool = False, width_dim: int = -1) -> TensorSpec:
+    """The rule for one tensor of class `cls`, shape `shape` (`base` at the base width): its learning rate,
+    init std, forward multiplier, epsilon and decay. `blocks`: it sits in a repeated block (depth scales it);
+    `width_dim`: the dimension along which an embedding (E) grows."""
+    preset = rules.preset
+    if cls == "V":
+        abc, m = _V, 1.0
+    else:
+        abc = getattr(preset, cls)
+        # Weights are (out, in): dim 1 is the fan-in of H and R, and an embedding's width is its last dim
+        # (a Linear used as an embedding: dim 0), the dimension whose growth each rule is stated against.
+        dim = width_dim if cls == "E" else 1
+        m = shape[dim] / base[dim]
+    b = 0.0 if rules.constant_init else abc.b
+    lr = class_lr(preset, cls, lr=rules.lr, gamma=rules.lr_mult.get(cls, 1.0), m=m, alignment=rules.alignment,
+                  depth_lr=rules.depth_lr, m_depth=rules.m_depth, in_blocks=blocks)
+    if not rules.per_layer_eps:
+        eps = rules.eps
+    elif cls == "V":  # gains: H's width exponent on the width ratio (CompleteP's reference, docs/science.md#depth)
+        eps = rules.eps * (shape[0] / base[0]) ** (-preset.H.g)
+    else:
+        eps = rules.eps * m ** (-abc.g)
+    if rules.alpha > 0 and rules.per_layer_eps and (cls == "H" or (cls == "V" and blocks)):
+        eps *= rules.m_depth ** (-rules.alpha)
+    if cls == "V":
+        init_std = None
+    elif zero_init:
+        init_std = 0.0
+    else:
+        init_std = rules.init_std * rules.init_mult.get(cls, 1.0) * m ** (-b)
+    return TensorSpec(
+        name=name,
+        cls=cls,
+        shape=tuple(shape),
+        width_mult=m,
+        init_std=init_std,
+        fwd_mult=rules.out_mult.get(cls, 1.0) * m ** (-abc.a),
+        lr=lr,
+        weight_decay=_weight_decay(rules, cls, m, lr_exponent(abc, rules.alignment)),
+        eps=eps,
+    )
+
+
 def tensor_specs(
     cfg: DictConfig, shapes: dict[str, tuple[int, ...]], base_shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, TensorSpec]:
-    """One TensorSpec per parameter, from the config and the model's shapes at target and base size."""
-    p, o = cfg.param, cfg.optim
-    preset = preset_of(cfg)
-    alpha = depth_alpha(cfg)
-    depth_lr = depth_lr_exponent(alpha, _depth_override(cfg, "lr"))
-    m_depth = cfg.model.n_layers / p.base_depth
+    """One TensorSpec per parameter of the built-in GPT, from the config and its shapes at target and base size."""
+    rules, p = rules_of(cfg), cfg.param
     specs = {}
     for name, shape in shapes.items():
         cls = classify(name, shape)
-        base = base_shapes[_base_name(name)]
-        if cls == "V":
-            abc, m = _V, 1.0
-        else:
-            abc = getattr(preset, cls)
-            # Weights are (out, in) and embeddings (rows, width): dim 1 is the fan-in of H and R
-            # and the width of E, the dimension whose growth each rule is stated against.
-            m = shape[1] / base[1]
-        b = 0.0 if cfg.init.scheme == "constant" else abc.b
-        lr = class_lr(preset, cls, lr=o.lr, gamma=p.lr_mult[cls], m=m, alignment=p.alignment, depth_lr=depth_lr,
-                      m_depth=m_depth, in_blocks=name.startswith("blocks."))
-        if o.eps_scaling != "per_layer":
-            eps = o.eps
-        elif cls == "V":  # gains: H's width exponent on the width ratio (CompleteP's reference, docs/science.md#depth)
-            eps = o.eps * (shape[0] / base[0]) ** (-preset.H.g)
-        else:
-            eps = o.eps * m ** (-abc.g)
-        if alpha > 0 and o.eps_scaling == "per_layer" and (cls == "H" or (cls == "V" and name.startswith("blocks."))):
-            eps *= m_depth ** (-alpha)
-        if cls == "V":
-            init_std = None
-        elif (cls == "R" and p.zero_readout) or (p.zero_query and name.endswith("attn.q.weight")):
-            init_std = 0.0
-        else:
-            init_std = cfg.init.std * p.init_mult[cls] * m ** (-b)
-        specs[name] = TensorSpec(
-            name=name,
-            cls=cls,
-            shape=tuple(shape),
-            width_mult=m,
-            init_std=init_std,
-            fwd_mult=p.out_mult.get(cls, 1.0) * m ** (-abc.a),
-            lr=lr,
-            weight_decay=_weight_decay(cfg, cls, m, lr_exponent(abc, p.alignment)),
-            eps=eps,
-        )
+        zero = (cls == "R" and p.zero_readout) or (p.zero_query and name.endswith("attn.q.weight"))
+        specs[name] = tensor_spec(rules, name, cls, shape, base_shapes[block0_name(name)], blocks=in_blocks(name),
+                                  zero_init=zero)
     return specs
 
 
-def _weight_decay(cfg: DictConfig, cls: str, m: float, c: float) -> float:
+def _weight_decay(rules: Rules, cls: str, m: float, c: float) -> float:
     """Decay on H and R (E only if asked, V never). `scaled`: lam times the inverse of the tensor's whole LR
     factor (`class_lr` without gamma_X): m^c_X, and for H the depth factor mL^-depth_lr inverted, so lr * decay
     stays constant across width and depth (docs/science.md#weight-decay)."""
-    o = cfg.optim
-    if cls == "V" or (cls == "E" and not o.wd_on_embeddings):
+    if cls == "V" or (cls == "E" and not rules.wd_on_embeddings):
         return 0.0
-    if o.wd_mode == "scaled":
-        depth_lr = depth_lr_exponent(depth_alpha(cfg), _depth_override(cfg, "lr")) if cls == "H" else 0.0
-        return o.weight_decay * m**c * (cfg.model.n_layers / cfg.param.base_depth) ** depth_lr
-    return o.weight_decay
+    if rules.wd_mode == "scaled":
+        depth_lr = rules.depth_lr if cls == "H" else 0.0
+        return rules.weight_decay * m**c * rules.m_depth ** depth_lr
+    return rules.weight_decay
