@@ -6,6 +6,8 @@ comments point readers to docs sections by anchor. A refactor that moves a formu
 file or retitles a section must update the link, or these tests name the stale one.
 """
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -19,21 +21,26 @@ EXPECTED = [
     ("hptransfer/train/param.py", "PRESETS"),
     ("hptransfer/train/param.py", "def shifted"),
     ("hptransfer/train/param.py", "_MUP_EVERETT.E.shifted(0.5)"),
-    ("hptransfer/train/param.py", "m = shape[1] / base[1]"),
+    ("hptransfer/train/param.py", "m = shape[dim] / base[dim]"),
     ("hptransfer/train/param.py", 'alignment == "none" and abc.c_none'),
-    ("hptransfer/train/param.py", 'cfg.init.scheme == "constant"'),
+    ("hptransfer/train/param.py", "rules.constant_init else abc.b"),
     ("hptransfer/train/param.py", "p.zero_readout"),
     ("hptransfer/train/param.py", "lr * gamma * m ** (-lr_exponent("),
-    ("hptransfer/train/param.py", "eps = o.eps * m ** (-abc.g)"),
+    ("hptransfer/train/param.py", "eps = rules.eps * m ** (-abc.g)"),
     ("hptransfer/train/param.py", "out *= m_depth ** (-depth_lr)"),
-    ("hptransfer/train/param.py", "eps *= m_depth ** (-alpha)"),
+    ("hptransfer/train/param.py", "eps *= rules.m_depth ** (-rules.alpha)"),
     ("hptransfer/train/param.py", "m ** (-abc.a)"),
     ("hptransfer/train/model.py", "y * self.mult"),
     ("hptransfer/train/model.py", "self.tok_emb(idx) * self.emb_mult"),
-    ("hptransfer/train/param.py", "n_layers / cfg.param.base_depth) ** -exponent"),
+    ("hptransfer/train/param.py", "m_depth ** -exponent"),
     ("hptransfer/train/model.py", "self.res_mult * self.attn"),
-    ("hptransfer/train/model.py", "math.sqrt(base.head_dim) / d.head_dim"),
-    ("hptransfer/train/param.py", 'o.wd_mode == "scaled"'),
+    ("hptransfer/train/param.py", "math.sqrt(base_head_dim) / head_dim"),
+    ("hptransfer/train/model.py", "attention_scale(uses_mup_attention(cfg)"),
+    ("hptransfer/train/parameterization.py", "def attn_scale"),
+    ("hptransfer/train/param.py", 'rules.wd_mode == "scaled"'),
+    ("hptransfer/train/parameterization.py", 'return "E", f"raw parameter of'),
+    ("hptransfer/train/parameterization.py", "register_forward_pre_hook"),
+    ("hptransfer/train/parameterization.py", "mult = readout_mult if at_readout"),
     ("hptransfer/train/optim.py", 'wd_mode == "independent"'),
     ("hptransfer/train/optim.py", 'g["base_lr"] * factor'),
     ("hptransfer/train/optim.py", "torch.atan2(m_hat"),
@@ -52,8 +59,8 @@ CODE_REF = re.compile(r"\bdocs/([\w-]+\.md)(?:#([\w-]+))?")
 CODE_FILES = ["hptransfer/**/*.py", "hptransfer/**/*.yaml", "bench/*.py", "tests/*.py", "conf/*.yaml", "Makefile"]
 
 SCIENCE_SECTIONS = ["Notation", "The abc table", "Depth", "Weight decay", "Optimizers",
-                    "Batch size and duration rules", "The coordinate check", "From a sweep to an answer",
-                    "The formula-to-code map", "Choices and disagreements", "Sources"]
+                    "Batch size and duration rules", "The coordinate check", "Your own model",
+                    "From a sweep to an answer", "The formula-to-code map", "Choices and disagreements", "Sources"]
 ANSWER_SUBSECTIONS = ["Optimum at one scale", "Transfer laws", "Transfer metrics"]
 DESIGN_SECTIONS = ["The pipeline", "Layers and imports", "Configuration", "The sweep folder", "result.json",
                    "results.parquet", "summary.json", "Backends", "Runners", "Job states"]
@@ -272,3 +279,15 @@ def _offset_in_history(path: str, a: int, b: int, snippet: str) -> int:
 
 if __name__ == "__main__":
     print("\n".join(refresh_map_anchors()) or "every link of the map lands on its snippet")
+
+
+def test_the_readmes_library_example_runs(monkeypatch):
+    """The README's ten lines of the library, run as written (on examples/custom_lm's model)."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python", readme.index("## Your model, your trainer"))
+    code = readme[start + len("```python"):readme.index("```", start + 3)]
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "custom_lm"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    assert "lm_head" in out.getvalue() or "wte" in out.getvalue()

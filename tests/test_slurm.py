@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import HPT, assert_one_line_error, cli
+from tests.conftest import HPT, REPO, assert_one_line_error, cli
 from tests.test_sweep import TINY_SWEEP
 
 pytestmark = pytest.mark.slurm
@@ -28,6 +28,10 @@ ON = ["launcher=slurm", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", 
       "launcher.timeout_min=5", "model.width=16", "sweep.seeds=[0]"]
 # Never ends by itself: cut by a one-minute limit, then requeued; checkpoints every few seconds.
 ENDLESS = ["optim.lr=0.004", "param=sp", "train.steps=1000000", "train.log_every=100", "train.checkpoint_every=500"]
+
+
+EXAMPLE = REPO / "examples" / "custom_lm" / "sweep.yaml"
+EXAMPLE_ARGS = ["train.steps=10", "model.width=32,64", "optim.lr=0.01", "param=mup"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,9 @@ def root(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     for name, args in submissions.items():
         res = cli("sweep", str(base / "tiny.yaml"), "--name", name, "--root", str(runs), *ON, *args)
         assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
+    # a user's project (examples/custom_lm: a callable using hptransfer.parameterize), swept on the cluster
+    res = cli("sweep", str(EXAMPLE), "--name", "example", "--root", str(runs), *ON[:5], *EXAMPLE_ARGS)
+    assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
     yield runs
     cli("cancel", "--root", str(runs))  # whatever a failed test left running (the endless runs)
 
@@ -130,6 +137,16 @@ def test_an_array_of_runs_completes_and_status_shows_it(root):
     assert (run_dir / "logs" / "attempt-1.out").resolve().is_file()  # submitit's log, linked into the run
 
 
+def test_a_sweep_of_the_users_code_runs_on_slurm(root, tmp_path):
+    runs = wait_states(root, "example", {"completed"}, timeout=300)
+    assert len(runs) == 2 and all(r["final_val_loss"] > 0 for r in runs.values())
+    out = tmp_path / "r.parquet"
+    assert cli("collect", "example", "--root", str(root), "--out", str(out)).returncode == 0
+    df = pq.read_table(out).to_pandas()
+    assert sorted(df.width) == [32, 64] and set(df["cfg.run.target"]) == {"custom_lm.train:main"}
+    assert df["curve_loss"].map(len).eq(10).all()  # the curve the user's code wrote to metrics.jsonl
+
+
 def test_a_failing_run_surfaces_its_traceback(root):
     (run,) = wait_states(root, "fail", {"failed"}).values()
     assert run["reason"].startswith("HptError: config key 'train.device': cuda requested")
@@ -194,10 +211,15 @@ def test_collect_reads_it_all(root, tmp_path):
     for r in rows:
         by_sweep.setdefault(r["sweep"], []).append(r["status"])
     assert by_sweep == {"array": ["completed"] * 4, "fail": ["failed"], "requeue": ["cancelled"],
-                        "scancel": ["cancelled"], "refused": ["pending"]}
+                        "scancel": ["cancelled"], "refused": ["pending"], "example": ["completed"] * 2}
     done = [r for r in rows if r["status"] == "completed"]
-    assert all(r["curve_loss"] and r["job_id"] and r["flops"] > 0 for r in done)
+    assert all(r["curve_loss"] and r["job_id"] for r in done)
+    assert all(r["flops"] > 0 for r in done if r["sweep"] != "example")  # the user's code reports none
     assert {r["parameterization"] for r in done} == {"sp", "mup"}
+    # one table of both kinds: the union of their cfg.* columns, null where a sweep has none
+    assert all(r["cfg.model.head_dim"] is None and r["cfg.model.base_width"] == 32 for r in rows
+               if r["sweep"] == "example")
+    assert all(r["cfg.model.base_width"] is None for r in rows if r["sweep"] != "example")
 
 
 

@@ -8,6 +8,7 @@ learning rates come from the table's one rule, `train.param.class_lr`
 (docs/science.md#the-abc-table).
 """
 
+import shlex
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -57,6 +58,7 @@ class Prediction:
     overrides: list[str]
     compute: dict[str, float] | None
     notes: list[str] = field(default_factory=list)
+    command: str = ""                          # the launch line: hpt train, or the user's own code at the target
 
 
 def parse_at(text: str) -> tuple[str, float]:
@@ -90,8 +92,9 @@ def _predict_group(r: GroupResult, target: float) -> Prediction:
     g, law = r.group, r.law
     log2_lr = float(law.predict(target))
     interval, straight = law.prediction_interval(target), law.interval(target)
-    per_class, notes = (per_class_lrs(g.parameterization, g.fixed, target, 2**log2_lr) if g.axis == "width"
-                        else (None, []))
+    own = user_run(g.fixed)
+    per_class, notes = (per_class_lrs(g.parameterization, g.fixed, target, 2**log2_lr)
+                        if g.axis == "width" and not own else (None, []))
     if interval is None:
         notes.append("no interval: the law has only 2 points and no noise estimate")
     missable = law.missable_shift(target)
@@ -123,10 +126,56 @@ def _predict_group(r: GroupResult, target: float) -> Prediction:
         bend=None if law.bend_z is None else {"detected": law.bends, "z": law.bend_z, "missable_shift_log2": missable},
         doublings_beyond=float(np.log2(target / max(g.scales))),
         per_class=per_class,
-        overrides=launch_overrides(r, target, 2**log2_lr, notes),
+        overrides=(overrides := (user_overrides if own else launch_overrides)(r, target, 2**log2_lr, notes)),
         compute=_compute(r, target),
         notes=notes,
+        command=launch_line(own, overrides),
     )
+
+
+def user_run(fixed: dict[str, Any]) -> dict[str, str] | None:
+    """{target or command: ...} when the group's runs are the user's own code (their cfg.run.* columns)."""
+    found = {k: fixed.get(f"run.{k}") for k in ("target", "command")}
+    return {k: v for k, v in found.items() if v} or None
+
+
+def user_overrides(r: GroupResult, target: float, lr: float, notes: list[str]) -> list[str]:
+    """The user's keys at the target: the key behind the axis column at the target, the one behind the lr
+    column at the predicted lr, and every key the group holds fixed (what was swept alongside is pinned)."""
+    g, runs = r.group, r.group.runs
+    scale = int(target) if float(target).is_integer() else target
+
+    def key_of(column: str) -> str | None:
+        for c in runs.columns:
+            if c.startswith("cfg.") and not c.startswith("cfg.run.") and _equal(runs[c], runs[column]):
+                return c.removeprefix("cfg.")
+        return None
+
+    axis_key, lr_key = key_of(g.axis), key_of("lr")
+    if axis_key is None or lr_key is None:
+        missing = "axis" if axis_key is None else "lr"
+        notes.append(f"launch line incomplete: no key of the config holds the {missing} column's values")
+    if g.varies_with_scale:
+        notes.append(f"set for the target by hand: {', '.join(g.varies_with_scale)} changed with the {g.axis} "
+                     "in the sweep")
+    head = [f"{axis_key}={scale}"] * bool(axis_key) + [f"{lr_key}={lr:.4g}"] * bool(lr_key)
+    return head + [f"{k}={_hydra_value(v)}" for k, v in sorted(g.fixed.items())
+                   if not k.startswith("run.") and v is not None]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return bool((a.astype(str) == b.astype(str)).all())
+
+
+def launch_line(own: dict[str, str] | None, overrides: list[str]) -> str:
+    """How to run the target: `hpt train` for the built-in GPT; the user's command with the target's keys, or
+    their sweep file narrowed to the target point for a callable."""
+    quoted = " ".join(shlex.quote(o) for o in overrides)
+    if own is None:
+        return "hpt train " + " ".join(overrides)
+    if "command" in own:
+        return own["command"].replace("{overrides}", quoted)
+    return f"hpt sweep <your sweep file> {quoted} --name <target name>   # runs {own['target']}"
 
 
 def _lr_pair(log2_pair: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -233,7 +282,7 @@ def as_dict(p: Prediction) -> dict[str, Any]:
         "lr_interval_straight": None if p.interval_straight is None else list(p.interval_straight),
         "interval_basis": p.interval_basis, "bend": p.bend,
         "doublings_beyond": p.doublings_beyond, "per_class_lr": p.per_class,
-        "command": "hpt train " + " ".join(p.overrides), "compute": p.compute, "notes": p.notes,
+        "command": p.command, "compute": p.compute, "notes": p.notes,
     })
 
 
@@ -262,4 +311,4 @@ def render(predictions: list[Prediction], console: Console) -> None:
                           "fitted over the sweep)", highlight=False)
         for note in p.notes:
             console.print(f"  note            {note}", highlight=False, markup=False)
-        console.print(f"  launch          hpt train {' '.join(p.overrides)}", highlight=False, markup=False)
+        console.print(f"  launch          {p.command}", highlight=False, markup=False)

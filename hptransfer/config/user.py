@@ -24,11 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from hptransfer.config.derived import flatten
-from hptransfer.config.schema import error_message
 from hptransfer.errors import HptError
 
 RESERVED = ("run", "sweep", "launcher")  # top-level blocks of hpt's own in a user's sweep file
@@ -53,6 +49,8 @@ WORDS = ("true", "false", "null", "nan", "inf")  # ... unless it is one of these
 
 def is_user_file(path: Path) -> bool:
     """Whether a sweep file runs the user's code (has a top-level `run:` block)."""
+    from omegaconf import DictConfig, OmegaConf  # here: `hpt status` reads frozen configs without OmegaConf
+
     try:
         raw = OmegaConf.load(path)
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the composition that follows
@@ -183,6 +181,11 @@ def import_object(spec: str, paths: Iterable[str], what: str) -> Any:
 
 def validate(config: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """The user's keys, typed and checked by `run.schema` (a dataclass) when one is named; as written otherwise."""
+    from omegaconf import OmegaConf  # here: `hpt status` reads frozen configs without OmegaConf
+    from omegaconf.errors import OmegaConfBaseException  # likewise
+
+    from hptransfer.config.schema import error_message  # likewise (the schema module imports OmegaConf)
+
     keys = user_keys(config)
     if not run.get("schema"):
         return keys
