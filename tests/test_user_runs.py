@@ -5,6 +5,8 @@ a run costs a process start, not training; the examples/ projects train for real
 """
 
 import json
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -293,3 +295,28 @@ def test_the_callable_example_sweeps_end_to_end(tmp_path):
     assert base["sp"] == base["mup"]
     wide = df[df.width == 64].set_index("parameterization").final_val_loss
     assert wide["sp"] != wide["mup"]
+
+
+def test_a_killed_run_of_the_users_code_resumes_from_its_own_checkpoint(tmp_path):
+    """The callable example checkpoints in its run folder; a run killed by SIGKILL (what a node failure or a
+    SLURM requeue does to it) is run again in the same folder and picks up at its checkpoint: every step once."""
+    from tests.test_local import records, wait_for
+
+    root = tmp_path / "runs"
+    args = ["train.steps=400", "train.checkpoint_every=40", "model.width=32", "optim.lr=0.01", "param=mup",
+            "--name", "resume"]
+    example = str(REPO / "examples/custom_lm/sweep.yaml")
+    assert hpt("sweep", example, "--root", str(root), *args, "--detach").returncode == 0
+    started = wait_for(lambda: (root / "resume" / "jobs.jsonl").exists() and records(root, "started", "resume"),
+                       what="the run to start")[0]
+    run_dir = root / "resume" / started["run_id"]
+    wait_for(lambda: (run_dir / "checkpoint.pt").exists(), what="a checkpoint")
+    os.kill(started["pid"], signal.SIGKILL)
+    wait_for(lambda: json.loads(hpt("status", "resume", "--json", "--root", str(root)).stdout)["resume"]["runs"][0]
+             ["state"] == "failed", what="failed")
+    retry = hpt("sweep", example, "--root", str(root), *args, "--retry-failed")
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "hpt: resuming from" in (run_dir / "logs" / "attempt-2.log").read_text()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(400))  # none lost, none twice
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
