@@ -76,8 +76,8 @@ def test_mup_matches_microsoft_mup(mult, tie):
 
     Deliberate differences, asserted here: MuAdamW decays every tensor, we never decay V (biases, norm gains)
     nor E (embeddings, the position table, a tied readout); mup's readout divides its input by m in its
-    forward, ours in a forward pre-hook on the user's nn.Linear. Biases and norms keep the constructor's
-    values in both (mup.init is applied to matrices only, as its examples do).
+    forward, ours in a forward pre-hook on the user's nn.Linear. nn.Linear biases are zero in both (mup.init
+    is applied to matrices, the biases zeroed, as its Transformer example does); norms keep the constructor's.
     """
     mup = pytest.importorskip("mup")
     lam, lr, sigma, width = 0.1, 0.01, 0.02, BASE_WIDTH * mult
@@ -94,6 +94,9 @@ def test_mup_matches_microsoft_mup(mult, tie):
         for q in theirs.parameters():
             if q.ndim >= 2:
                 mup.init.normal_(q, std=sigma)
+        for m in theirs.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
     opt = mup.MuAdamW(theirs.parameters(), lr=lr, weight_decay=lam)
     group_of = {id(q): g for g in opt.param_groups for q in g["params"]}
     for (name, mine), (their_name, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
@@ -121,6 +124,15 @@ def test_classes_are_the_same_at_every_width_including_the_base():
     assert seen[BASE_WIDTH]["pos"] == ("E", "raw parameter of CustomLM")
     assert seen[BASE_WIDTH]["wte.weight"] == ("E", "tied to readout lm_head")
     assert seen[BASE_WIDTH]["blocks.1.proj.bias"][0] == seen[BASE_WIDTH]["ln_f.weight"][0] == "V"
+
+
+def test_init_zeroes_linear_biases_and_keeps_norms():
+    """torch's default bias init, U(+-1/sqrt(fan_in)), shrinks with width (the coordinate check fails it)."""
+    model = CustomLM(VOCAB, 2 * BASE_WIDTH, 2)
+    parameterize(model, base_of(), "mup", lr=0.01)
+    assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if isinstance(m, nn.Linear) and
+               m.bias is not None)
+    assert all(bool((m.weight == 1).all()) for m in model.modules() if isinstance(m, nn.LayerNorm))
 
 
 # --- forward multipliers ------------------------------------------------------------------------------

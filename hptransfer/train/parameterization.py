@@ -334,9 +334,9 @@ def parameterize(model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]]
                  depth: int | None = None, base_depth: int | None = None, init: bool = True) -> Parameterization:
     """Apply a preset of the abc table to `model`, relative to `base` (the same model at its base width).
 
-    Initialises E, H and R tensors ~ N(0, init std) in place (`init=True`; V tensors, biases and norm gains,
-    stay as the model made them), hooks the forward multipliers onto the nn.Linear (input) and nn.Embedding
-    (output) modules that hold them, and returns the Parameterization: its `param_groups` (or the object
+    Initialises E, H and R tensors ~ N(0, init std) in place (`init=True`; nn.Linear biases to zero, other V
+    tensors, such as norm gains, stay as the model made them), hooks the forward multipliers onto the
+    nn.Linear (input) and nn.Embedding (output) modules that hold them, and returns the Parameterization: its `param_groups` (or the object
     itself) feed a torch optimizer; the model applies `attn_scale` and `residual_mult` itself. Arguments as
     `describe`; `exponents` overrides the preset's, e.g. {"R": {"c": 1.0}} or {"depth": {"residual": 0.5}}.
     """
@@ -350,8 +350,11 @@ def parameterize(model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]]
                        f"(describe shows it), or hold it in an nn.Embedding")
     if init:
         specs = {row.name: row for row in description.rows}
+        biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None}
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if specs[name].init_std is not None:
                     p.normal_(0.0, specs[name].init_std)
+                elif id(p) in biases:  # torch's U(+-1/sqrt(fan_in)) shrinks with width: the check fails it
+                    p.zero_()
     return Parameterization(model, description)
