@@ -26,7 +26,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slurm and not slow"
 
 lint: install
-	$(BIN)/ruff check hptransfer tests bench
+	$(BIN)/ruff check hptransfer tests bench examples
 
 demo: install
 	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml

@@ -336,9 +336,9 @@ def parameterize(model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]]
 
     Initialises E, H and R tensors ~ N(0, init std) in place (`init=True`; nn.Linear biases to zero, other V
     tensors, such as norm gains, stay as the model made them), hooks the forward multipliers onto the
-    nn.Linear (input) and nn.Embedding (output) modules that hold them, and returns the Parameterization: its `param_groups` (or the object
-    itself) feed a torch optimizer; the model applies `attn_scale` and `residual_mult` itself. Arguments as
-    `describe`; `exponents` overrides the preset's, e.g. {"R": {"c": 1.0}} or {"depth": {"residual": 0.5}}.
+    nn.Linear (input) and nn.Embedding (output) modules that hold them, and returns the Parameterization:
+    its `param_groups` (or the object itself) feed a torch optimizer; the model applies `attn_scale` and
+    `residual_mult` itself. Arguments as `describe`; `exponents` overrides the preset's, e.g. {"R": {"c": 1.0}} or {"depth": {"residual": 0.5}}.
     """
     description = describe(model, base, preset, lr=lr, weight_decay=weight_decay, wd_mode=wd_mode, eps=eps,
                            init_std=init_std, classes=classes, exponents=exponents, alignment=alignment,
