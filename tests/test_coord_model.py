@@ -13,7 +13,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from hptransfer.errors import HptError
 from hptransfer.train.coord import (

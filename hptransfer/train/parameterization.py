@@ -338,7 +338,8 @@ def parameterize(model: nn.Module, base: nn.Module | Mapping[str, Sequence[int]]
     tensors, such as norm gains, stay as the model made them), hooks the forward multipliers onto the
     nn.Linear (input) and nn.Embedding (output) modules that hold them, and returns the Parameterization:
     its `param_groups` (or the object itself) feed a torch optimizer; the model applies `attn_scale` and
-    `residual_mult` itself. Arguments as `describe`; `exponents` overrides the preset's, e.g. {"R": {"c": 1.0}} or {"depth": {"residual": 0.5}}.
+    `residual_mult` itself. Arguments as `describe`; `exponents` overrides the preset's, e.g.
+    {"R": {"c": 1.0}} or {"depth": {"residual": 0.5}}.
     """
     description = describe(model, base, preset, lr=lr, weight_decay=weight_decay, wd_mode=wd_mode, eps=eps,
                            init_std=init_std, classes=classes, exponents=exponents, alignment=alignment,
