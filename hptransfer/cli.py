@@ -255,8 +255,13 @@ def sweep(
     """Expand a sweep file's grid and launch every run that has no result yet.
 
     The file is a path, or a packaged sweep's name (width, depth, batch,
-    duration; `hpt init` copies them to edit). Each run's config is frozen in
-    runs/<sweep>/<run_id>/config.yaml (its id is a hash of it), so the same
+    duration; `hpt init` copies them to edit). A file with a `run:` block
+    sweeps your own code instead of hpt's GPT: a function
+    (run: {target: pkg.mod:main}) or a command (run: {command: "python
+    train.py {overrides}"}); see examples/ and docs/design.md.
+
+    Each run's config is frozen in runs/<sweep>/<run_id>/config.yaml (its
+    id is a hash of it), so the same
     command again launches nothing, a widened grid launches only the new
     points, and an interrupted sweep resumes. Locally the runs go N at a time
     with a live display (Ctrl-C stops them, recorded cancelled); with
@@ -272,6 +277,7 @@ def sweep(
       hpt sweep width --retry-failed
       hpt sweep width --dry-run --json | jq .estimate
       hpt sweep depth --print-config
+      hpt sweep examples/char_mlp/sweep.yaml width=32,64 steps=50
       hpt sweep depth launcher=slurm launcher.partition=gpu \\
           launcher.timeout_min=120
     """
