@@ -260,13 +260,13 @@ def sweep(
     (run: {target: pkg.mod:main}) or a command (run: {command: "python
     train.py {overrides}"}); see examples/ and docs/design.md.
 
-    Each run's config is frozen in runs/<sweep>/<run_id>/config.yaml (its
-    id is a hash of it), so the same
-    command again launches nothing, a widened grid launches only the new
-    points, and an interrupted sweep resumes. Locally the runs go N at a time
-    with a live display (Ctrl-C stops them, recorded cancelled); with
-    launcher=slurm they go as job arrays and the command returns. The dry
-    run estimates the time from a few training steps timed here (GPU-hours
+    Each run's config is frozen in runs/<sweep>/<run_id>/config.yaml (its id
+    is a hash of it), so the same command again launches nothing, a widened
+    grid launches only the new points, and an interrupted sweep resumes.
+    Locally the runs go N at a time with a live display (Ctrl-C stops them,
+    recorded cancelled); with launcher=slurm they go as job arrays and the
+    command returns. The dry run estimates the time from a few training
+    steps timed here (GPU-hours
     when the target is SLURM with GPUs).
 
     Examples:
