@@ -266,8 +266,7 @@ def sweep(
     Locally the runs go N at a time with a live display (Ctrl-C stops them,
     recorded cancelled); with launcher=slurm they go as job arrays and the
     command returns. The dry run estimates the time from a few training
-    steps timed here (GPU-hours
-    when the target is SLURM with GPUs).
+    steps timed here (GPU-hours when the target is SLURM with GPUs).
 
     Examples:
       hpt sweep width --dry-run
