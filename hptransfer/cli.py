@@ -556,9 +556,21 @@ def predict(
     at: Annotated[str, typer.Option("--at", help="Target scale: width=4096, depth=48, batch_size=512, tokens=2e10.")],
     param: Params = None,
     metric: Metric = "final_val_loss",
+    launch: Annotated[bool, typer.Option("--launch", help="Run the target: a sweep of one point (or the bracket) "
+                                         "at the predicted learning rate, its prediction recorded.")] = False,
+    bracket: Annotated[int, typer.Option("--bracket", help="With --launch: K learning rates (odd), the outermost "
+                                         "at the interval's ends (x0.5 and x2 at least).")] = 1,
+    name: Annotated[str | None, typer.Option("--name", help="With --launch: the target sweep's name (default: "
+                                             "target-<param>-<axis><scale>).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="With --launch: an override of the target run (repeatable), e.g. -s launcher=slurm "
+                            "-s launcher.nodes=2 -s train.parallel=fsdp.", show_default=False)] = None,
+    root: Root = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --launch: show the target sweep's plan, "
+                                          "launch nothing.")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Predict a large run's learning rate from a sweep's transfer law, and how to launch it.
+    """Predict a large run's learning rate from a sweep's transfer law, and launch it.
 
     Evaluates the law log lr* = log a + b log s of each group on the target's
     axis at the target, with a 95% interval from the optima's own
@@ -570,20 +582,64 @@ def predict(
     m^-c_X, the abc table). Prints the `hpt train` line for the run, with the
     group's non-default settings.
 
+    --launch runs it: a sweep named target-<param>-<axis><scale> (in --root)
+    of the target point at the predicted learning rate, with --bracket K
+    also K-1 neighbours out to the interval's ends, on the launcher the
+    --set overrides choose (local by default; launcher=slurm with
+    launcher.nodes/tasks_per_node and train.parallel for a multi-GPU run).
+    Every target run records its prediction; collect the target sweep with
+    the small ones and `hpt analyze` sets the realized optimum and loss
+    beside the law.
+
     Examples:
       hpt predict results.parquet --at width=4096 --param mup
       hpt predict results.parquet --at tokens=2e10 --json
+      hpt predict results.parquet --at width=256 --param mup --launch --bracket 3
+      hpt predict results.parquet --at width=4096 --param mup --launch \\
+          -s launcher=slurm -s launcher.nodes=2 -s launcher.tasks_per_node=8 \\
+          -s train.parallel=fsdp
     """
 
     from hptransfer.analysis.load import load_results  # per command
     from hptransfer.analysis.predict import as_dict, render  # per command
     from hptransfer.analysis.predict import predict as run_predict  # per command
 
+    if not launch and (overrides or bracket != 1 or name or dry_run):
+        raise HptError("--set, --bracket, --name and --dry-run go with --launch")
     predictions = run_predict(load_results(results, metric), at, metric, params=param)
-    if as_json:
+    if launch:
+        _launch_target(predictions, overrides or [], bracket=bracket, name=name, root=root, dry_run=dry_run,
+                       as_json=as_json)
+    elif as_json:
         print(json.dumps([as_dict(p) for p in predictions], indent=1))
     else:
         render(predictions, console)
+
+
+def _launch_target(predictions: list[Any], overrides: list[str], *, bracket: int, name: str | None,
+                   root: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Write the target sweep file beside the target sweep's folder and launch it as `hpt sweep` would."""
+    from omegaconf import OmegaConf  # per command
+
+    from hptransfer.analysis import predict as pr  # per command
+    from hptransfer.files import write_atomic  # per command
+    from hptransfer.sweeps.store import root_dir  # per command
+
+    if len(predictions) != 1:
+        labels = ", ".join(p.label for p in predictions)
+        raise HptError(f"--launch runs one prediction, and there are {len(predictions)} ({labels}): choose one "
+                       "with --param")
+    (p,) = predictions
+    lrs = pr.bracket(p, bracket)
+    scale = int(p.target) if float(p.target).is_integer() else p.target
+    name = name or f"target-{p.parameterization}-{p.axis}{scale}"
+    spec = pr.target_sweep(p, name, lrs)
+    if not as_json:
+        pr.render([p], console)
+    file = root_dir(root) / f"{name}.target.yaml"
+    write_atomic(file, "# The target sweep of `hpt predict --launch` (hpt sweep runs it as any sweep file)\n"
+                       + OmegaConf.to_yaml(OmegaConf.create(spec)))
+    sweep(file, [*pr.target_overrides(p), *overrides], dry_run=dry_run, root=root, as_json=as_json and dry_run)
 
 
 @app.command(rich_help_panel="One run")

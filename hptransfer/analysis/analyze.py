@@ -25,6 +25,7 @@ from hptransfer.analysis.metrics import (
 )
 from hptransfer.analysis.optimum import Curve, Noise, Optimum, find_optimum, pool_noise, with_uncertainty
 from hptransfer.analysis.summary import fmt_scale
+from hptransfer.analysis.targets import TargetResult, analyze_targets, split_targets
 from hptransfer.config.derived import FLOPS_FORMULA
 from hptransfer.errors import HptError
 from hptransfer.formats import fmt_lr
@@ -57,6 +58,7 @@ class Analysis:
     warnings: list[str]             # table-wide; each group's own are in its GroupResult
     ignored: dict[str, int]         # runs left out, by status
     compute: dict[str, Any] | None  # FLOPs the sweep spent (None without a flops column)
+    targets: list[TargetResult] = field(default_factory=list)  # runs of `hpt predict --launch`, beside the law
 
 
 def analyze(
@@ -66,7 +68,9 @@ def analyze(
     axes: list[str] | None = None,
     n_boot: int = 200,
 ) -> Analysis:
-    """Find the groups, then their optima, laws and metrics, then compare parameterizations per axis."""
+    """Find the groups, then their optima, laws and metrics, then compare parameterizations per axis; target
+    runs (of `hpt predict --launch`) are set beside their group's law, never fitted into it."""
+    df, target_runs = split_targets(df)
     groups = [
         g for g in find_groups(df)
         if (not params or g.parameterization in params) and (not axes or g.axis in axes)
@@ -94,7 +98,7 @@ def analyze(
         if orphans:
             warnings.append(f"{len(orphans)} run(s) belong to no group (a scale point with no neighbour)")
     return Analysis(metric, results, verdicts, warnings, {str(k): int(v) for k, v in ignored.items()},
-                    _compute(df))
+                    _compute(df), analyze_targets(target_runs, results, metric))
 
 
 def _why_no_groups(df: pd.DataFrame, params: list[str] | None, axes: list[str] | None) -> str:

@@ -59,6 +59,8 @@ class Prediction:
     compute: dict[str, float] | None
     notes: list[str] = field(default_factory=list)
     command: str = ""                          # the launch line: hpt train, or the user's own code at the target
+    sweeps: list[str] = field(default_factory=list)  # the sweeps whose runs made the law
+    seed: int = 0                              # the group's first seed: a target run's
 
 
 def parse_at(text: str) -> tuple[str, float]:
@@ -130,6 +132,8 @@ def _predict_group(r: GroupResult, target: float) -> Prediction:
         compute=_compute(r, target),
         notes=notes,
         command=launch_line(own, overrides),
+        sweeps=sorted(map(str, g.runs["sweep"].dropna().unique())) if "sweep" in g.runs.columns else [],
+        seed=int(g.runs["seed"].min()) if "seed" in g.runs.columns and g.runs["seed"].notna().any() else 0,
     )
 
 
@@ -312,3 +316,42 @@ def render(predictions: list[Prediction], console: Console) -> None:
         for note in p.notes:
             console.print(f"  note            {note}", highlight=False, markup=False)
         console.print(f"  launch          {p.command}", highlight=False, markup=False)
+
+
+def bracket(p: Prediction, k: int) -> list[float]:
+    """The learning rates of a target run and its K-1 neighbours: K odd, spaced evenly in log2 so that the
+    outermost sit at the prediction's interval ends (at x0.5 and x2 without an interval, or when it is
+    narrower than that: a bracket must be able to see the optimum move)."""
+    if k < 1 or k % 2 == 0:
+        raise HptError(f"--bracket: {k} learning rates do not centre on the prediction: use an odd number (3, 5)")
+    if k == 1:
+        return [p.lr]
+    half = 1.0 if p.interval is None else max(1.0, np.log2(p.interval[1] / p.interval[0]) / 2)
+    steps = np.linspace(-half, half, k)
+    return [float(p.lr * 2.0**d) for d in steps]
+
+
+def target_sweep(p: Prediction, name: str, lrs: list[float]) -> dict[str, Any]:
+    """The sweep file of the target run(s): the target scale on the axis, the bracket's learning rates as the
+    grid, and the prediction it tests (collect puts it in every target run's row)."""
+    if not p.command.startswith("hpt train"):
+        raise HptError(f"--launch runs hpt's own trainer; {p.label} is a sweep of your code: run its launch line "
+                       f"({p.command})")
+    scale = int(p.target) if float(p.target).is_integer() else p.target
+    return {
+        "defaults": ["config", "_self_"],
+        "sweep": {
+            "name": name,
+            "axis": {"key": AXIS_OVERRIDE[p.axis], "values": [scale]},
+            "grid": {"optim.lr": lrs},
+            "seeds": [p.seed],
+            "prediction": {"lr": p.lr, "lr_low": p.interval[0] if p.interval else None,
+                           "lr_high": p.interval[1] if p.interval else None, "group": p.label, "axis": p.axis,
+                           "at": float(p.target), "from": ", ".join(p.sweeps)},
+        },
+    }
+
+
+def target_overrides(p: Prediction) -> list[str]:
+    """The launch line's settings but the axis and the learning rate (the target sweep's dimensions)."""
+    return [o for o in p.overrides if not o.startswith((f"{AXIS_OVERRIDE[p.axis]}=", "optim.lr="))]

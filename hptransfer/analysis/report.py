@@ -95,7 +95,23 @@ def tables(s: dict[str, Any]) -> list[TableSpec]:
                                  "penalty of leave-largest-out lr (measured, via spline)", "L_inf (fitted)",
                                  "delta L_inf (fitted)", "delta loss at largest (measured)", "wider is better"),
             [_metrics_row(g) for g in groups]),
+        *([TableSpec("Target runs (hpt predict --launch) beside the law", (
+            "group", "scale", "lr predicted (95% interval)", "lrs run", "lr* realized (bracket)", "inside interval",
+            "loss at predicted lr", "loss law of the small scales at this scale"),
+            [_target_row(t) for t in s["targets"]])] if s.get("targets") else []),
     ]
+
+
+def _target_row(t: dict[str, Any]) -> tuple[str, ...]:
+    interval = "" if t["lr_interval"] is None else f" ({fmt_lr(t['lr_interval'][0])} - {fmt_lr(t['lr_interval'][1])})"
+    if t["lr_realized"] is not None:
+        realized = fmt_lr(t["lr_realized"])
+    else:
+        realized = "at the bracket's edge" if t["realized_at_edge"] else "- (bracket: 3+ lrs)"
+    inside = {True: "yes", False: "NO", None: "-"}[t["inside_interval"]]
+    return (t["group"], fmt_scale(t["scale"]), fmt_lr(t["lr_predicted"]) + interval,
+            ", ".join(fmt_lr(x) for x in t["lrs"]), realized, inside, _num(t["loss_at_predicted"], 4),
+            _num(t["loss_law_at_scale"], 4))
 
 
 def _group_row(g: dict[str, Any]) -> tuple[str, ...]:
@@ -207,9 +223,17 @@ def _md_table(tab: TableSpec) -> str:
     return head + "".join(f"| {' | '.join(cell.replace('|', '/') for cell in row)} |\n" for row in tab.rows)
 
 
+TARGET_METHOD = (
+    "Target runs are the runs of `hpt predict --launch` at the target scale; they are not fitted into the "
+    "law that predicted them. With a bracket (3+ learning rates) the realized optimum is found as at any scale "
+    "point, and *inside interval* says whether the prediction's 95% interval holds it. The last column is the "
+    "loss law fitted to the small scales' minima, at the target scale (blank when that law is not identified)."
+)
+
+
 def markdown(s: dict[str, Any], inputs: list[Path], figures: list[Path]) -> str:
     """report.md: verdict, tables, figures, definitions, compute and warnings."""
-    found, optima, laws, metrics = tables(s)
+    found, optima, laws, metrics, *targets = tables(s)
     figs = {f.name: f for f in figures}
     axes = list(s["verdicts"])
 
@@ -233,6 +257,8 @@ def markdown(s: dict[str, Any], inputs: list[Path], figures: list[Path]) -> str:
         "### What the metrics mean\n\n", ATTRIBUTION, "\n\n",
         "".join(f"- **{name}**: {text}\n" for name, text in DEFINITIONS.items()),
     ]
+    for tab in targets:
+        parts += [f"\n## {tab.title}\n\n", _md_table(tab), "\n", TARGET_METHOD, "\n"]
     line = _compute_line(s)
     if line:
         parts += ["\n## Compute\n\n", line, "\n"]

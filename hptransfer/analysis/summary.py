@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hptransfer.analysis.optimum import quantile
+from hptransfer.analysis.targets import target_entry
 
 if TYPE_CHECKING:  # analyze formats its warnings with the functions below: it imports this module
     from hptransfer.analysis.analyze import Analysis, GroupResult
@@ -23,6 +24,7 @@ def summary(analysis: "Analysis") -> dict[str, Any]:
         "warnings": analysis.warnings,
         "ignored": analysis.ignored,
         "compute": analysis.compute,
+        "targets": [target_entry(t) for t in analysis.targets],
     })
 
 

@@ -46,9 +46,14 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("effective.eps", pa.float64()), ("effective.weight_decay", pa.float64()),
     ("effective.batch_k", pa.float64()), ("effective.duration_r", pa.float64()),
     ("effective.wd_timescale", pa.float64()),  # AdamW's decay timescale as a fraction of the run (null: no decay)
+    # a target run of `hpt predict --launch`: the prediction it tests (its sweep's sweep.yaml); null otherwise
+    ("prediction.lr", pa.float64()), ("prediction.lr_low", pa.float64()), ("prediction.lr_high", pa.float64()),
+    ("prediction.group", pa.string()), ("prediction.axis", pa.string()), ("prediction.at", pa.float64()),
+    ("prediction.from", pa.string()),
     ("env.torch", pa.string()), ("env.device", pa.string()), ("env.hptransfer", pa.string()),
     ("env.host", pa.string()), ("env.git_commit", pa.string()), ("env.git_dirty", pa.bool_()),
 ]
+PREDICTION_COLUMNS = [(n.removeprefix("prediction."), t) for n, t in RESULT_COLUMNS if n.startswith("prediction.")]
 CURVE_COLUMNS: list[tuple[str, pa.DataType]] = [("curve_step", pa.list_(pa.int64())),
                                                  ("curve_loss", pa.list_(pa.float64())),
                                                  # the validation curve: every train.eval_every steps, then the final
@@ -225,6 +230,10 @@ def sweep_table(folder: SweepFolder) -> tuple[pa.Table, list[str]]:
                   "seq_len": cfg["cfg.train.seq_len"], "width": cfg["cfg.model.width"],
                   "depth": cfg["cfg.model.n_layers"], "parameterization": cfg["cfg.param.name"],
                   "lr": cfg["cfg.optim.lr"], "seed": cfg["cfg.train.seed"]}
+    prediction = ((folder.definition() or {}).get("sweep") or {}).get("prediction") or {}
+    for key, kind in PREDICTION_COLUMNS:
+        if prediction.get(key) is not None:
+            coords[f"prediction.{key}"] = pa.array([prediction[key]] * len(states), kind)
     for name, column in coords.items():
         results = results.set_column(results.schema.get_field_index(name), name, column)
     curve_columns = all_curves([f"{folder.path}/{s.run_id}" for s in states], problems)
