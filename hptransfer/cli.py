@@ -594,9 +594,9 @@ def predict(
     Examples:
       hpt predict results.parquet --at width=4096 --param mup
       hpt predict results.parquet --at tokens=2e10 --json
-      hpt predict results.parquet --at width=256 --param mup --launch --bracket 3
-      hpt predict results.parquet --at width=4096 --param mup --launch \\
-          -s launcher=slurm -s launcher.nodes=2 -s launcher.tasks_per_node=8 \\
+      hpt predict results.parquet --at width=256 --launch --bracket 3
+      hpt predict results.parquet --at width=4096 --launch -s launcher=slurm \\
+          -s launcher.nodes=2 -s launcher.tasks_per_node=8 \\
           -s train.parallel=fsdp
     """
 
