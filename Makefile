@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

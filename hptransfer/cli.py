@@ -300,6 +300,7 @@ def sweep(
     for note in spec.notes:  # what the data check could only sample
         err_console.print(f"[yellow]hpt: note:[/yellow] {note}", highlight=False)
     launcher = launch.launcher_config(spec.launcher)
+    launch.check_placement(spec, runs, launcher)
     folder = SweepFolder(root_dir(root) / spec.name)
     ids = [r.run_id for r in runs]
     records = folder.job_records() if folder.path.exists() else []
@@ -652,32 +653,42 @@ def train(
     print_config: PrintConfig = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result record (result.json) as JSON; no "
                                           "progress bar.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Train as N processes on this machine (torchrun): one per "
+                                       "GPU, or CPU workers sharing the cores; train.parallel defaults to ddp.")] = 1,
 ) -> None:
-    """Train one model in this process and write config.yaml, metrics.jsonl and result.json.
+    """Train one model and write config.yaml, metrics.jsonl and result.json.
 
     A diverged run (non-finite loss or loss above train.diverge_factor x its
     initial value) stops early with status 'diverged' and exit code 0: it is
     a result, not an error. A run folder that already holds a result is not
-    trained again: the cached result is said so and printed.
+    trained again: the cached result is said so and printed. With --nproc N
+    the run is N processes (DDP, or FSDP2 with train.parallel=fsdp) training
+    the same global batches; killed, the same command resumes it.
 
     Examples:
       hpt train model.width=256 param=mup optim.lr=0.01 train.steps=300
       hpt train param=mup --print-config
       hpt train model.width=64 --json | jq .final_val_loss
+      hpt train --nproc 4 train.parallel=fsdp train.grad_accum=2
     """
     from hptransfer.config.compose import compose_run  # per command
     from hptransfer.config.frozen import run_id, to_yaml  # per command
     from hptransfer.sweeps.store import root_dir  # per command
 
     cfg = compose_run(overrides)
+    if nproc > 1 and cfg.train.parallel == "none":  # several processes share the model as replicas by default
+        cfg.train.parallel = "ddp"
     if print_config:
         print(to_yaml(cfg), end="")  # what the run folder's config.yaml will hold
         return
     from hptransfer.train.loop import train as train_run  # per command: torch, only to train
+    from hptransfer.train.loop import train_local  # per command: torch, only to train
 
     folder = run_dir or root_dir() / "train" / run_id(cfg)
     cached = (folder / "result.json").exists()
-    result = train_run(cfg, folder, progress=not (quiet or as_json or cached))
+    progress = not (quiet or as_json or cached)
+    result = train_run(cfg, folder, progress=progress) if nproc == 1 else train_local(cfg, folder, nproc,
+                                                                                      progress=progress)
     if cached:
         err_console.print(f"hpt: cached: {folder} already holds this run's result, which is not trained again "
                           f"(another --run-dir, or removing its result.json, trains it anew)", highlight=False)

@@ -13,7 +13,11 @@ import json
 import os
 import secrets
 import shutil
-from contextlib import suppress
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,3 +266,38 @@ def arrow_table(rows: list[dict[str, Any]], schema: "pa.Schema | None" = None) -
             return pa.Table.from_pylist(rows, schema=schema)
         columns = dict.fromkeys(k for r in rows for k in r)
         return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns})
+
+
+def exit_process(code: int) -> None:
+    """End this process now, its output flushed, without the interpreter's teardown: DDP keeps the gloo
+    group's threads alive after destroy_process_group, and one releasing its last work's tensor during the
+    teardown aborts the process (torch 2.13: about one exit in ten), after the run has ended well."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextmanager
+def signals_deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+                     ) -> Iterator[None]:
+    """Hold these signals' Python handlers back while the block writes a file, then run them.
+
+    A handler that raises (Ctrl-C's KeyboardInterrupt, submitit's requeue exit) inside torch.save's
+    callbacks into a Python file surfaces as a RuntimeError from torch, which a training loop would take
+    for the run's own failure. Outside the main thread (no handlers run there) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: signal.getsignal(s) for s in signals}
+    held = {s: h for s, h in held.items() if h is not None}  # None: a handler not set from Python, left alone
+    for s in held:
+        signal.signal(s, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)

@@ -6,6 +6,7 @@ skipped, except under CI=true, where they fail (as the SLURM tests do).
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from hptransfer.files import append_lines, json_lines
+from hptransfer.files import append_lines, json_lines, signals_deferred
 from hptransfer.sweeps import launch, plan
 from hptransfer.sweeps.backends.local import queued_records
 from hptransfer.sweeps.state import run_states
@@ -399,3 +401,39 @@ def test_an_analysis_report_onto_a_full_disk_is_one_line_and_leaves_no_temp_file
         ballast.unlink()
         assert hpt("analyze", str(out), "--out", str(disk / "report")).returncode == 0
         assert (disk / "report" / "report.md").exists() and temp_files(disk) == []
+
+
+class Requeued(Exception):
+    """What submitit's requeue handler does to the process, in kind: an exception out of a signal handler."""
+
+
+def test_a_signal_during_a_checkpoint_write_acts_after_it_never_as_a_torch_error():
+    """SLURM's requeue signal or Ctrl-C arriving inside torch.save's writes to a Python file: torch turns the
+    handler's exception into a RuntimeError (the loop would record the run failed, never to train again);
+    deferred, the checkpoint is written whole and the handler acts after it."""
+
+    class SignalledMidWrite(io.BytesIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:
+            self.writes += 1
+            if self.writes == 2:  # inside a record: torch's writer finds its position off and raises its own error
+                os.kill(os.getpid(), signal.SIGUSR2)
+            return super().write(data)
+
+    def requeue(signum: int, frame: object) -> None:
+        raise Requeued
+
+    state = {"w": torch.arange(1000.0)}
+    old = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(RuntimeError):  # the failure signals_deferred prevents
+            torch.save(state, SignalledMidWrite())
+        f = SignalledMidWrite()
+        with pytest.raises(Requeued):
+            with signals_deferred():
+                torch.save(state, f)
+            pytest.fail("the held signal's handler did not run after the block")  # pragma: no cover
+        assert torch.equal(torch.load(io.BytesIO(f.getvalue()))["w"], state["w"])  # written whole first
+    finally:
+        signal.signal(signal.SIGUSR2, old)

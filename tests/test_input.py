@@ -51,12 +51,19 @@ def tokens_file(path: Path, n: int, top: int, at: int = -1) -> Path:
     ("launcher.gpus_per_node=-1", "'launcher.gpus_per_node': must be >= 0"),
     ("launcher.max_requeue=-1", "'launcher.max_requeue': must be >= 0"),
     ("launcher.max_array_size=0", "'launcher.max_array_size': must be >= 1"),
+    ("launcher.nodes=0", "'launcher.nodes': must be >= 1, got 0"),
+    ("launcher.tasks_per_node=0", "'launcher.tasks_per_node': must be >= 1, got 0"),
+    ("launcher.tasks_per_node=2", "each task needs a GPU of its own: set launcher.gpus_per_node=2"),  # 1 GPU
+    # Two processes per run: the runs must be able to share the model and split their batch.
+    ("launcher.tasks_per_node=2 launcher.gpus_per_node=0", "'train.parallel': none, but the run has 2 processes"),
+    ("launcher.tasks_per_node=2 launcher.gpus_per_node=0 train.parallel=ddp train.batch_size=5",
+     "5 rows do not split into 2 processes x 1 micro-batches"),
 ])
 def test_slurm_launcher_values_are_checked_before_anything_is_written(tiny, tmp_path, override, needle):
     root = tmp_path / "runs"
     for extra in (["--dry-run"], []):  # the dry run refuses them too, and a real launch writes nothing
-        assert_one_line_error(cli("sweep", str(tiny), *ONE, "launcher=slurm", override, "--root", str(root), *extra),
-                              needle)
+        assert_one_line_error(cli("sweep", str(tiny), *ONE, "launcher=slurm", *override.split(), "--root", str(root),
+                                  *extra), needle)
     assert not root.exists()
 
 

@@ -8,7 +8,7 @@ onto `SCHEMA` (an unknown key or a wrong type fails) and its values and shapes a
 
 import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from types import SimpleNamespace
@@ -132,6 +132,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_every: int = 50  # steps between validation evaluations (0: only the final one)
     eval_batches: int = 4  # the fixed validation batches of those periodic evaluations
+    parallel: str = "none"  # with several processes: ddp (replicas) | fsdp (FSDP2 shards); none: one process
+    grad_accum: int = 1  # micro-batches per optimizer step (per process): a global batch no step could hold
+    dist_timeout_s: float = 600.0  # collectives' timeout: a dead rank fails the run instead of hanging it
 
 
 @dataclass
@@ -197,6 +200,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("shakespeare", "text", "tokens"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16", "float64"),
+    "train.parallel": ("none", "ddp", "fsdp"),
     "scaling.batch.lr_rule": ("none", "sqrt", "linear"),
     "scaling.batch.adam_rule": ("none", "sde"),
     "scaling.duration.lr_rule": ("none", "power"),
@@ -224,6 +228,9 @@ LATER_KEYS: dict[str, Any] = {
     "scaling.timescale.p": None,
     "train.eval_every": 50,
     "train.eval_batches": 4,
+    "train.parallel": "none",
+    "train.grad_accum": 1,
+    "train.dist_timeout_s": 600.0,
 }
 
 SCHEMA = OmegaConf.structured(RunConfig)
@@ -313,7 +320,8 @@ def typed_value(key: str, value: Any) -> Any:
 
 POSITIVE = ("model.width", "model.n_layers", "model.max_seq_len", "param.base_width", "param.base_depth",
             "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.final_window",
-            "train.val_batches", "train.eval_batches", "data.vocab_size", "optim.lr", "init.std", "model.mlp_ratio")
+            "train.val_batches", "train.eval_batches", "train.grad_accum", "train.dist_timeout_s", "data.vocab_size",
+            "optim.lr", "init.std", "model.mlp_ratio")
 
 
 @cache
@@ -339,6 +347,7 @@ def check_values(c: dict[str, Any]) -> None:
         if not ((v := get(key)) > 0 and math.isfinite(v)):
             raise bad(key, f"must be positive, got {v}")
     t, m = c["train"], SimpleNamespace(**c["model"])
+    check_batch_split(t["batch_size"], 1, t["grad_accum"])  # the processes' share: checked where they are known
     if t["tokens"] is not None and t["tokens"] < t["batch_size"] * t["seq_len"]:
         raise bad("train.tokens", f"{t['tokens']} is less than one batch ({t['batch_size']} x {t['seq_len']})")
     for key in ("optim.weight_decay", "optim.eps", "optim.grad_clip", "train.checkpoint_every", "train.eval_every"):
@@ -362,6 +371,26 @@ def check_values(c: dict[str, Any]) -> None:
         raise bad("init.scheme", f"constant (one init std at every width) breaks the width scaling of '{name}'; "
                   "use init.scheme=fan_in, or param=sp for GPT-2's constant init")
     _check_wd_rules(c["scaling"], c["optim"], bad)
+
+
+def check_processes(train: Mapping[str, Any], processes: int) -> None:
+    """A run of `processes` processes needs a way to share the model (train.parallel) and a global batch that
+    splits into equal micro-batches: an HptError naming the key otherwise (a frozen config from before
+    distributed runs has neither key: one process)."""
+    parallel = train.get("parallel", "none")
+    if processes > 1 and parallel == "none":
+        raise HptError(f"config key 'train.parallel': none, but the run has {processes} processes (launcher.nodes x "
+                       f"launcher.tasks_per_node, or --nproc): set train.parallel=ddp (replicas) or fsdp (sharded)")
+    check_batch_split(train["batch_size"], processes, train.get("grad_accum", 1))
+
+
+def check_batch_split(batch_size: int, processes: int, grad_accum: int) -> None:
+    """A step's global batch splits into equal micro-batches: `processes` x train.grad_accum of them."""
+    parts = processes * grad_accum
+    if batch_size % parts:
+        across = f"{processes} processes x " if processes > 1 else ""
+        raise HptError(f"config key 'train.batch_size': {batch_size} rows do not split into {across}{grad_accum} "
+                       f"micro-batches (train.grad_accum): make train.batch_size a multiple of {parts}")
 
 
 def _check_wd_rules(s: dict[str, Any], o: dict[str, Any], bad: Callable[[str, str], HptError]) -> None:

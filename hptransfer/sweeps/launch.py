@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from hptransfer.config import user
 from hptransfer.config.derived import run_flops
-from hptransfer.config.schema import unknown_key_message
+from hptransfer.config.schema import check_processes, unknown_key_message
 from hptransfer.errors import HptError
 from hptransfer.provenance import git_state
 from hptransfer.sweeps.backends import backend
@@ -46,6 +46,16 @@ def launcher_config(launcher: dict[str, Any]) -> Any:
         if isinstance(err, ConfigKeyError):  # +launcher.partiton=x: the nearest key of this launcher
             raise HptError(unknown_key_message(key, [f"launcher.{f}" for f in kind.__dataclass_fields__])) from None
         raise HptError(f"config key '{key}': {str(err).splitlines()[0]}") from None
+
+
+def check_placement(spec: SweepSpec, runs: list[Run], launcher: Any) -> None:
+    """Before anything is written: a launcher that gives each run several processes (launcher.nodes x
+    launcher.tasks_per_node) needs runs that can train on them (train.parallel, an even split of the batch).
+    The user's own code places itself."""
+    processes = getattr(launcher, "nodes", 1) * getattr(launcher, "tasks_per_node", 1)
+    if processes > 1 and not spec.is_user:
+        for r in runs:
+            check_processes(r.config["train"], processes)
 
 
 def config_header(prov: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Token streams and batches: the built-in corpus, any text file (bytes), or uint16 token files.
 
 Splits are fixed by the data config (the last `val_frac` of the stream is validation);
-training batches depend only on (seed, step), so a resumed run sees the same batches.
+training batches depend only on (seed, step), so a resumed run sees the same batches, and the processes of a
+distributed run each draw their contiguous rows of the batch a single process would train on.
 `check_source` says whether a data config can feed a run at all (the file, its splits, its token
 ids against the vocabulary) without torch: `hpt sweep` asks it once per distinct data config before
 anything is written, and every run asks it again before it trains.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 VAL_SEED = 1234  # validation windows are the same for every run, whatever its seed
+ALL_ROWS = slice(None)  # a whole batch: a single process's share
 # Token files up to this size are scanned whole for their largest id (a memmap max: ~0.1 s per GiB from the
 # page cache); larger ones on a sample of evenly spaced blocks, and the check says so.
 FULL_SCAN_BYTES = 2 << 30
@@ -189,15 +191,20 @@ class Batches:
             xy = xy.pin_memory().to(device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]
 
-    def train_batch(self, step: int, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
-        """(x, y) of shape (B, T) for `step`: a function of (seed, step) only."""
+    def train_batch(self, step: int, device: "torch.device", rows: slice = ALL_ROWS
+                    ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(x, y) of shape (B, T) for `step`: a function of (seed, step) only. `rows`: only those rows of it
+        (a process's share of the global batch), the same rows whichever process draws them."""
         rng = np.random.default_rng([self.seed, step])
-        return self._windows(self.train, rng.integers(0, len(self.train) - self.seq_len - 1, self.batch_size), device)
+        starts = rng.integers(0, len(self.train) - self.seq_len - 1, self.batch_size)[rows]
+        return self._windows(self.train, starts, device)
 
-    def val_batches(self, n: int, device: "torch.device") -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    def val_batches(self, n: int, device: "torch.device", rows: slice = ALL_ROWS
+                    ) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """The first `n` fixed validation batches (`rows`: those rows of each)."""
         rng = np.random.default_rng(VAL_SEED)
         high = len(self.val) - self.seq_len - 1
-        return [self._windows(self.val, rng.integers(0, high, self.batch_size), device) for _ in range(n)]
+        return [self._windows(self.val, rng.integers(0, high, self.batch_size)[rows], device) for _ in range(n)]
 
 
 def make_batches(cfg: DictConfig, *, scan_tokens: bool = True) -> Batches:
