@@ -1,7 +1,8 @@
 """Sweeps on the real single-node SLURM cluster that .ci/run starts (../shared/slurm/setup-slurm.sh).
 
 All sweeps are submitted at once by one fixture (they run side by side on the node's 8 CPUs),
-then each test waits for its own. Skipped only where there is no SLURM and CI is not "true".
+then each test waits for its own (one run is signalled by a thread the fixture starts). Distributed runs
+are jobs of 2 tasks (ranks) on the node's CPUs. Skipped only where there is no SLURM and CI is not "true".
 The last tests cut an `hpt sweep` between sbatch and its record (a SIGKILL in a subprocess) and
 check that the next command adopts or cancels the array it left, never running a point twice.
 """
@@ -14,13 +15,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import HPT, REPO, assert_one_line_error, cli
+from hptransfer.files import json_lines
+from hptransfer.sweeps.store import attempt_log, log_tail
+from tests.conftest import HPT, REPO, TINY, assert_one_line_error, cli
 from tests.test_sweep import TINY_SWEEP
+from tests.test_targets import synthetic
 
 pytestmark = pytest.mark.slurm
 
@@ -33,6 +39,29 @@ ENDLESS = ["optim.lr=0.004", "param=sp", "train.steps=1000000", "train.log_every
 EXAMPLE = REPO / "examples" / "custom_lm" / "sweep.yaml"
 EXAMPLE_ARGS = ["train.steps=10", "model.width=32,64", "optim.lr=0.01", "param=mup"]
 
+RANKS = ["launcher.tasks_per_node=2"]  # one run, two tasks: ranks 0 and 1 on the node's CPUs
+DDP = [*RANKS, "train.parallel=ddp"]
+EXACT = ["optim.lr=0.004", "param=sp", "train.dtype=float64"]  # float64: one process and two agree to 1e-6
+HEARTBEATS = ("heartbeat.json", "heartbeat-rank1.json")  # rank 0's, rank 1's
+# A user's command run by every task of a 2-task job: each prints the torch.distributed variables it got, and
+# rank 0 alone the result, as a distributed trainer does (another rank's output is no result, nor a failure).
+RANKS_SWEEP = """\
+run: {command: "python ranks.py"}
+width: 8
+param: sp
+seed: 0
+sweep:
+  name: ranks
+  axis: {key: width, values: [8]}
+"""
+RANKS_PY = """\
+import json, os
+env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                      "MASTER_PORT")}
+result = {"final_val_loss": 1.0, "curve": {"steps": [0], "losses": [1.0]}} if env["RANK"] == "0" else {}
+print(json.dumps({**result, "ranks": env}))
+"""
+
 
 @pytest.fixture(scope="module")
 def cluster() -> None:
@@ -42,30 +71,92 @@ def cluster() -> None:
         pytest.skip("no SLURM cluster here (sinfo)")
 
 
+class Submitted(NamedTuple):
+    runs: Path
+    requeued: Future  # requeue_after_a_checkpoint of the ddp-requeue run, running while the other tests wait
+
+
 @pytest.fixture(scope="module")
-def root(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def root(submitted: Submitted) -> Path:
+    return submitted.runs
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Submitted]:
     base = tmp_path_factory.mktemp("slurm")
     (base / "tiny.yaml").write_text(TINY_SWEEP)
     runs = base / "runs"
+
+    def sweep(file: Path, *args: str) -> None:
+        res = cli("sweep", str(file), "--root", str(runs), *args)
+        assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
+
     submissions = {
         # the requeue run first: it needs the most wall time
         # checkpoints every ~1 s and requeues enough: SLURM may send the signal up to a minute early
         "requeue": [*(a for a in ENDLESS if "checkpoint_every" not in a), "train.checkpoint_every=100",
                     "launcher.timeout_min=1", "launcher.signal_delay_s=20", "launcher.gpus_per_node=1",
                     "launcher.max_requeue=10"],
+        "ddp": [*DDP, *EXACT],
+        "ddp-one": EXACT,  # the same run in one process
         "array": ["optim.lr=0.004,0.008", "param=sp,mup", "launcher.max_array_size=3"],  # split: 3 + 1
         # a GPU asked of a node without CUDA: passes submission (a login node has none either), fails in the job
         "fail": ["optim.lr=0.004", "param=sp", "train.device=cuda"],
         "scancel": ENDLESS,
     }
-    for name, args in submissions.items():
-        res = cli("sweep", str(base / "tiny.yaml"), "--name", name, "--root", str(runs), *ON, *args)
+    with ThreadPoolExecutor(1) as pool:
+        # 2 ranks signalled after their first checkpoints: watched from their start, while the rest is
+        # submitted and the other tests wait
+        sweep(base / "tiny.yaml", "--name", "ddp-requeue", *ON, *DDP, "optim.lr=0.004", "param=sp",
+              "train.steps=400", "train.log_every=50", "train.checkpoint_every=50")
+        requeued = pool.submit(requeue_after_a_checkpoint, runs / "ddp-requeue")
+        for name, args in submissions.items():
+            sweep(base / "tiny.yaml", "--name", name, *ON, *args)
+        # a user's project (examples/custom_lm: a callable using hptransfer.parameterize), swept on the cluster
+        sweep(EXAMPLE, "--name", "example", *ON[:5], *EXAMPLE_ARGS)
+        (base / "ranks").mkdir()
+        (base / "ranks" / "sweep.yaml").write_text(RANKS_SWEEP)
+        (base / "ranks" / "ranks.py").write_text(RANKS_PY)
+        sweep(base / "ranks" / "sweep.yaml", *ON[:5], *RANKS)
+        # the prediction's target run, launched from the prediction as a 2-task DDP job
+        target = [a for o in [*ON[:5], *DDP, *TINY] if not o.startswith("model.width") for a in ("--set", o)]
+        res = cli("predict", str(synthetic(base)), "--at", "width=32", "--param", "mup", "--launch", "--root",
+                  str(runs), *target)
         assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
-    # a user's project (examples/custom_lm: a callable using hptransfer.parameterize), swept on the cluster
-    res = cli("sweep", str(EXAMPLE), "--name", "example", "--root", str(runs), *ON[:5], *EXAMPLE_ARGS)
-    assert res.returncode == 0 and "submitted to SLURM" in res.stdout, res.stdout + res.stderr
-    yield runs
-    cli("cancel", "--root", str(runs))  # whatever a failed test left running (the endless runs)
+        yield Submitted(runs, requeued)
+        cli("cancel", "--root", str(runs))  # whatever a failed test left running (the endless runs)
+
+
+def requeue_after_a_checkpoint(sweep: Path) -> tuple[int, dict[str, int]]:
+    """Send the sweep's one run (2 ranks) SLURM's time-limit signal (USR2 to every task, launcher.signal_delay_s
+    before the limit) once it has a checkpoint at step 100 or later; return that step and each rank's first
+    heartbeat step in the next attempt: the step it resumed from. Sent here, not by a one-minute limit: SLURM checks
+    limits every 30 s, and a run that must finish would be cut at random. (A thread: no `cli`, which swaps
+    sys.stdout.)"""
+    (rec,) = (r for r in json_lines(sweep / "jobs.jsonl") if r["event"] == "submitted")
+    run_dir, deadline, saved = sweep / rec["run_id"], time.time() + 120, 0
+    while saved < 100:  # a rank restarted from step 0 would beat at step 0 or 50 first
+        assert time.time() < deadline and not (run_dir / "result.json").exists(), "no checkpoint at step >= 100"
+        saved = max((int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoint").glob("step-*")), default=0)
+        time.sleep(0.1)
+    old = {name: (read_heartbeat(run_dir / name) or {}).get("pid") for name in HEARTBEATS}
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True)
+    first: dict[str, int] = {}
+    deadline = time.time() + 120
+    while len(first) < len(HEARTBEATS) and time.time() < deadline:
+        for name in HEARTBEATS:
+            hb = read_heartbeat(run_dir / name)
+            if hb and hb.get("pid") != old[name]:
+                first.setdefault(name, hb["step"])
+        time.sleep(0.05)
+    return saved, first
+
+
+def read_heartbeat(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not yet written, or being replaced
+        return None
 
 
 def states(root: Path, name: str, env_path: str | None = None) -> dict[str, dict]:
@@ -120,6 +211,76 @@ def wait_for_file(path: Path, timeout: float) -> None:
     while not path.exists():
         assert time.time() < deadline, f"no {path.name} after {timeout} s"
         time.sleep(0.5)
+
+
+def rank_logs(run_dir: Path, attempt: int) -> list[str]:
+    """The log files every rank of a 2-task job writes for an attempt."""
+    return [attempt_log(attempt, suffix, rank) for rank in (0, 1) for suffix in ("out", "err")]
+
+
+def test_a_distributed_run_gives_the_one_process_result_and_every_rank_leaves_its_traces(root):
+    (ddp,) = wait_states(root, "ddp", {"completed"}).values()
+    (one,) = wait_states(root, "ddp-one", {"completed"}).values()
+    assert ddp["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-6)
+    run_dir = root / "ddp" / ddp["run_id"]
+    assert json.loads((run_dir / "result.json").read_text())["env"]["processes"] == 2
+    assert all(read_heartbeat(run_dir / name)["step"] == 10 for name in HEARTBEATS)
+    assert {p.name for p in (run_dir / "logs").iterdir()} == set(rank_logs(run_dir, 1))
+    assert ddp["attempts"] == 1
+
+
+def test_a_distributed_run_signalled_to_requeue_restarts_every_rank_from_its_checkpoint_and_completes(submitted):
+    saved, first = submitted.requeued.result(timeout=300)
+    assert sorted(first) == sorted(HEARTBEATS) and all(step >= saved for step in first.values()), (saved, first)
+    (run,) = wait_states(submitted.runs, "ddp-requeue", {"completed"}, timeout=120).values()
+    assert run["attempts"] == 2 and run["final_val_loss"] > 0
+    logs = submitted.runs / "ddp-requeue" / run["run_id"] / "logs"
+    assert {p.name for p in logs.iterdir()} == {*rank_logs(logs.parent, 1), *rank_logs(logs.parent, 2)}
+    assert all("hpt: resuming from" in (logs / attempt_log(2, "out", rank)).read_text() for rank in (0, 1))
+    sacct = subprocess.run(["sacct", "-j", run["job_id"], "-D", "-X", "-n", "-o", "State"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert sacct.count("REQUEUED") == 1, sacct  # one requeue, though every rank got the signal
+
+
+def test_each_task_of_a_distributed_job_gets_its_rank_and_writes_its_own_logs(root):
+    (run,) = wait_states(root, "ranks", {"completed"}).values()
+    logs = root / "ranks" / run["run_id"] / "logs"
+    assert {p.name for p in logs.iterdir()} == set(rank_logs(logs.parent, 1)) and run["attempts"] == 1
+    assert json.loads((logs.parent / "result.json").read_text())["final_val_loss"] == 1.0  # rank 0's
+    env = []
+    for rank in (0, 1):  # each rank's command printed its variables to that rank's log
+        lines = (logs / attempt_log(1, "out", rank)).read_text().splitlines()
+        env.append(json.loads(next(line for line in reversed(lines) if line.startswith("{")))["ranks"])
+    assert [(e["RANK"], e["LOCAL_RANK"]) for e in env] == [("0", "0"), ("1", "1")]
+    assert all(e["WORLD_SIZE"] == e["LOCAL_WORLD_SIZE"] == "2" for e in env)
+    assert env[0]["MASTER_ADDR"] and env[0]["MASTER_PORT"] and env[0]["MASTER_PORT"] == env[1]["MASTER_PORT"]
+
+
+def test_predict_launch_trains_the_target_as_a_2_task_job_and_analyze_sets_it_beside_the_law(root, tmp_path):
+    (run,) = wait_states(root, "target-mup-width32", {"completed"}).values()
+    result = json.loads((root / "target-mup-width32" / run["run_id"] / "result.json").read_text())
+    assert result["env"]["processes"] == 2 and run["attempts"] == 1
+    out, report = tmp_path / "target.parquet", tmp_path / "report"
+    assert cli("collect", "target-mup-width32", "--root", str(root), "--out", str(out)).returncode == 0
+    (row,) = pq.read_table(out).to_pylist()
+    assert row["prediction.lr"] == pytest.approx(row["lr"]) and row["prediction.at"] == 32
+    res = cli("analyze", str(synthetic(tmp_path)), str(out), "--out", str(report))
+    assert res.returncode == 0 and "Target runs" in res.stdout, res.stdout + res.stderr
+    (t,) = json.loads((report / "summary.json").read_text())["targets"]
+    assert t["group"] == "mup × width" and t["runs"] == 1
+    assert t["loss_at_predicted"] == pytest.approx(row["final_val_loss"])
+
+
+def test_the_log_tail_is_rank_0s_unless_only_a_dead_rank_has_a_traceback(tmp_path):
+    (tmp_path / "logs").mkdir()
+    logs = {attempt_log(1, "out", 0): "old attempt", attempt_log(2, "out", 0): "step 10",
+            attempt_log(2, "err", 0): "", attempt_log(2, "out", 1): "step 10",
+            attempt_log(2, "err", 1): "Traceback (most recent call last):\nValueError: bad"}
+    for name, text in logs.items():
+        (tmp_path / "logs" / name).write_text(text)
+    assert log_tail(tmp_path) == "[attempt-2.rank1.err]\nTraceback (most recent call last):\nValueError: bad"
+    (tmp_path / "logs" / attempt_log(2, "err", 0)).write_text("Traceback (most recent call last):\nOSError: gone")
+    assert log_tail(tmp_path) == "Traceback (most recent call last):\nOSError: gone"
 
 
 def test_an_array_of_runs_completes_and_status_shows_it(root):
@@ -211,10 +372,12 @@ def test_collect_reads_it_all(root, tmp_path):
     for r in rows:
         by_sweep.setdefault(r["sweep"], []).append(r["status"])
     assert by_sweep == {"array": ["completed"] * 4, "fail": ["failed"], "requeue": ["cancelled"],
-                        "scancel": ["cancelled"], "refused": ["pending"], "example": ["completed"] * 2}
+                        "scancel": ["cancelled"], "refused": ["pending"], "example": ["completed"] * 2,
+                        "ddp": ["completed"], "ddp-one": ["completed"], "ddp-requeue": ["completed"],
+                        "ranks": ["completed"], "target-mup-width32": ["completed"]}
     done = [r for r in rows if r["status"] == "completed"]
     assert all(r["curve_loss"] and r["job_id"] for r in done)
-    assert all(r["flops"] > 0 for r in done if r["sweep"] != "example")  # the user's code reports none
+    assert all(r["flops"] > 0 for r in done if r["sweep"] not in ("example", "ranks"))  # the user's code reports none
     assert {r["parameterization"] for r in done} == {"sp", "mup"}
     # one table of both kinds: the union of their cfg.* columns, null where a sweep has none
     assert all(r["cfg.model.head_dim"] is None and r["cfg.model.base_width"] == 32 for r in rows

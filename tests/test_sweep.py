@@ -185,7 +185,12 @@ def test_dry_run_shows_grid_and_compute_and_launches_nothing(tiny, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path):
+@pytest.mark.parametrize(("golden_name", "tasks"), [
+    ("sbatch_width.sh", []),
+    # a run of 2 ranks, a GPU each
+    ("sbatch_ddp.sh", ["launcher.tasks_per_node=2", "launcher.gpus_per_node=2", "train.parallel=ddp"]),
+])
+def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path, golden_name, tasks):
     """As submitit's own tests do: the generated sbatch script against tests/golden (paths normalised).
 
     Regenerate after an intended change with UPDATE_GOLDEN=1.
@@ -193,13 +198,13 @@ def test_slurm_dry_run_prints_the_sbatch_script_of_the_golden_file(tmp_path):
     res = cli("sweep", str(REPO / "conf" / "width.yaml"), "--root", str(tmp_path), "--dry-run", "launcher=slurm",
               "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high", "launcher.constraint=h100",
               "launcher.timeout_min=90", "launcher.mem_gb=16", "launcher.array_parallelism=8",
-              "launcher.setup=[module load cuda/12.4]", "+launcher.additional.mail-type=END")
+              "launcher.setup=[module load cuda/12.4]", "+launcher.additional.mail-type=END", *tasks)
     assert res.returncode == 0, res.stderr
     assert "84 runs as 1 job array(s)" in res.stdout and "8 at once" in res.stdout
     script = res.stdout[res.stdout.index("#!/bin/bash"):].rstrip() + "\n"
     script = re.sub(rf"{re.escape(str(tmp_path))}/width/slurm/[0-9-]+", "FOLDER", script)
     script = script.replace(sys.executable, "PYTHON")
-    golden = REPO / "tests" / "golden" / "sbatch_width.sh"
+    golden = REPO / "tests" / "golden" / golden_name
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()

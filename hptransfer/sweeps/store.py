@@ -37,7 +37,7 @@ from hptransfer.files import append_lines, arrow_table, json_lines, write_atomic
 if TYPE_CHECKING:  # `hpt status` reads folders without importing Hydra (the plan) at all
     from hptransfer.sweeps.plan import Run, SweepSpec
 
-ATTEMPT_LOG = re.compile(r"attempt-(\d+)\.(log|out|err)$")
+ATTEMPT_LOG = re.compile(r"attempt-(\d+)(?:\.rank(\d+))?\.(log|out|err)$")  # attempt, rank (> 0), kind
 RESULTS_INDEX = "results.jsonl"  # the index of finished runs, so `hpt status` need not read 10,000 files
 INDEX_FIELDS = frozenset({"run_id", "key", "attempts", "result"})
 SUMMARY_KEYS = ("run_id", "status", "final_train_loss", "final_val_loss", "steps")  # what `hpt status` shows
@@ -485,8 +485,14 @@ def set_aside_result(run_dir: Path) -> None:
         os.replace(f, run_dir / "logs" / f"result-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json")
 
 
+def attempt_log(attempt: int, suffix: str, rank: int = 0) -> str:
+    """The name of an attempt's log: attempt-N.out, or attempt-N.rank<r>.out for rank r > 0 of a multi-task job."""
+    return f"attempt-{attempt}{f'.rank{rank}' if rank else ''}.{suffix}"
+
+
 def attempt_logs(run_dir: Path) -> dict[int, list[Path]]:
-    """The log files of each attempt (local: attempt-N.log; SLURM: attempt-N.out and .err)."""
+    """The log files of each attempt (local: attempt-N.log; SLURM: attempt-N.out and .err, and each
+    other rank's attempt-N.rank<r>.out and .err)."""
     return {n: [run_dir / "logs" / name for name in names] for n, names in _attempt_names(run_dir).items()}
 
 
@@ -514,19 +520,29 @@ def new_attempt(run_dir: Path) -> int:
 
 
 def log_tail(run_dir: Path, lines: int = 15) -> str | None:
-    """The last lines of the latest attempt's log (stderr first: that is where tracebacks go)."""
+    """The last lines of the latest attempt's log: rank 0's, stderr first (that is where tracebacks go),
+    unless only another rank's stderr holds a traceback (the rank that died, which ended the others)."""
     attempts = attempt_logs(run_dir)
     if not attempts:
         return None
-    files = sorted(attempts[max(attempts)], key=lambda p: p.suffix != ".err")
-    for f in files:
+    texts = []
+    for f in sorted(attempts[max(attempts)], key=lambda p: (_rank(p.name), p.suffix != ".err")):
         try:
             text = f.read_text(errors="replace").rstrip()
         except OSError:  # a SLURM log link whose target is gone
             continue
         if text:
-            return "\n".join(text.splitlines()[-lines:])
-    return None
+            texts.append((f, text))
+    if not texts:
+        return None
+    f, text = next(((f, t) for f, t in texts if f.suffix == ".err" and "Traceback" in t), texts[0])
+    tail = text.splitlines()[-lines:]
+    return "\n".join([f"[{f.name}]", *tail] if _rank(f.name) else tail)
+
+
+def _rank(name: str) -> int:
+    m = ATTEMPT_LOG.match(name)
+    return int(m.group(2) or 0) if m else 0
 
 
 def read_metrics(run_dir: Path | str) -> tuple[list[dict[str, Any]], str | None]:

@@ -11,6 +11,7 @@
 #SBATCH --mail-type=END
 #SBATCH --mem=16384MB
 #SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --open-mode=append
 #SBATCH --output=FOLDER/%A_%a_0_log.out
 #SBATCH --partition=gpu
@@ -24,4 +25,4 @@ module load cuda/12.4
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.err PYTHON -u -m submitit.core._submit FOLDER
+srun --unbuffered --output FOLDER/%A_%a_%t_log.out --error FOLDER/%A_%a_%t_log.err --kill-on-bad-exit=1 PYTHON -u -m submitit.core._submit FOLDER

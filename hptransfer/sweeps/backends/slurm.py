@@ -1,9 +1,12 @@
 """The SLURM backend: job arrays through submitit, the sbatch preview, and job states from sacct/squeue.
 
-Runs go as arrays of `RunJob` split at the cluster's MaxArraySize; submitit requeues a task on
-timeout or preemption and training resumes from its checkpoint. Submission returns at once. A
-SLURM run's state is what one batched `sacct` call says, or `squeue` when accounting does not
-answer, or its heartbeat when neither does.
+Runs go as arrays of `RunJob` split at the cluster's MaxArraySize; submitit requeues a job on
+timeout or preemption and training resumes from its checkpoint. An array element is a job of
+`launcher.nodes` x `launcher.tasks_per_node` tasks (one per GPU): with several, each task runs the same
+`RunJob` as one rank of the run, torch.distributed's variables exported, and logs as that rank
+(docs/design.md#runs-of-several-tasks-on-slurm). Submission returns at once. A SLURM run's state is
+what one batched `sacct` call says, or `squeue` when accounting does not answer, or its heartbeat
+when neither does.
 
 Each array's runs are recorded `submitting` (with the submitit folder) before sbatch is called and
 `submitted` once it returns. A `submitting` record still the latest after its submitter died marks
@@ -33,10 +36,11 @@ import submitit
 from submitit.slurm.slurm import SlurmJobEnvironment, _make_sbatch_string  # private: sbatch_script, a task
 
 from hptransfer.errors import HptError
+from hptransfer.files import exit_process
 from hptransfer.sweeps import job
 from hptransfer.sweeps.backends.base import Backend, Judge, age_s, fresh, now
 from hptransfer.sweeps.backends.local import process_alive, process_start
-from hptransfer.sweeps.store import RunState, SweepFolder, new_attempt
+from hptransfer.sweeps.store import RunState, SweepFolder, attempt_log, new_attempt
 
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
 UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
@@ -51,6 +55,8 @@ class SlurmLauncher:
     name: str = "slurm"
     partition: str | None = None
     gpus_per_node: int = 1
+    nodes: int = 1  # per run: its tasks are the ranks of one distributed run
+    tasks_per_node: int = 1  # one per GPU
     cpus_per_task: int = 8
     mem_gb: float = 32
     timeout_min: int = 60
@@ -72,9 +78,13 @@ class SlurmLauncher:
         if not (math.isfinite(self.mem_gb) and self.mem_gb > 0):
             raise bad("mem_gb", f"must be positive, got {self.mem_gb}")
         for key, low in (("timeout_min", 1), ("cpus_per_task", 1), ("array_parallelism", 1), ("gpus_per_node", 0),
-                         ("max_requeue", 0), ("signal_delay_s", 0)):
+                         ("nodes", 1), ("tasks_per_node", 1), ("max_requeue", 0), ("signal_delay_s", 0)):
             if (value := getattr(self, key)) < low:
                 raise bad(key, f"must be >= {low}, got {value}")
+        if 0 < self.gpus_per_node < self.tasks_per_node:  # each task takes one GPU of its node (RunJob)
+            raise bad("tasks_per_node", (
+                f"{self.tasks_per_node} tasks per node but launcher.gpus_per_node={self.gpus_per_node}: each task "
+                f"needs a GPU of its own: set launcher.gpus_per_node={self.tasks_per_node} (or 0 for tasks on CPUs)"))
         if self.max_array_size is not None and self.max_array_size < 1:
             raise bad("max_array_size", f"must be >= 1 (null: the cluster's MaxArraySize), got {self.max_array_size}")
         limit = self.timeout_min * 60
@@ -163,14 +173,20 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
 
 
 def sbatch_parameters(launcher: SlurmLauncher, name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for the launcher block (the same for the script and the dry run)."""
+    """submitit SlurmExecutor parameters for the launcher block (the same for the script and the dry run).
+
+    sbatch's meanings: `mem` and `gpus_per_node` per node, `cpus_per_task` per task. A task that fails
+    ends the job's other tasks (`--kill-on-bad-exit`): its peers would otherwise wait in a collective
+    until the time limit.
+    """
     params: dict[str, Any] = {
         "job_name": f"hpt-{name}", "partition": launcher.partition, "time": launcher.timeout_min,
+        "nodes": launcher.nodes, "ntasks_per_node": launcher.tasks_per_node,
         "mem": f"{math.ceil(launcher.mem_gb * 1024)}MB", "cpus_per_task": launcher.cpus_per_task,
         "gpus_per_node": launcher.gpus_per_node or None, "account": launcher.account, "qos": launcher.qos,
         "constraint": launcher.constraint, "array_parallelism": launcher.array_parallelism,
         "signal_delay_s": launcher.signal_delay_s, "setup": list(launcher.setup) or None,
-        "additional_parameters": dict(launcher.additional) or None,
+        "srun_args": ["--kill-on-bad-exit=1"], "additional_parameters": dict(launcher.additional) or None,
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -204,7 +220,7 @@ def sbatch_script(launcher: SlurmLauncher, name: str, folder: Path, n_runs: int)
     """The sbatch script of the first array, as submitit writes it (for --dry-run).
 
     submitit has no public function for the script text: its private `_make_sbatch_string` is used
-    here only (pinned submitit range; tests/golden/sbatch_width.sh holds the expected text).
+    here only (pinned submitit range; tests/golden/sbatch_width.sh and sbatch_ddp.sh hold the expected text).
     """
     command = " ".join([sys.executable, "-u -m submitit.core._submit", str(folder)])
     return _make_sbatch_string(command=command, folder=folder, map_count=min(n_runs, array_size(launcher)),
@@ -229,7 +245,8 @@ def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher,
                             for i, s in enumerate(part)])
         try:  # submitit prints sbatch's stderr itself on failure: it goes into our one-line error instead
             with redirect_stderr(io.StringIO()):
-                jobs = executor.map_array(RunJob(), [str(folder.run_dir(s.run_id)) for s in part])
+                dirs = [folder.run_dir(s.run_id) for s in part]
+                jobs = executor.map_array(RunJob(), [str(d) for d in dirs], [new_attempt(d) for d in dirs])
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
             sbatch = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
             raise HptError(f"sbatch refused the job array: {sbatch}") from None
@@ -241,28 +258,55 @@ def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher,
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A SLURM array task: send this attempt's output to the run's logs/attempt-N.out and .err, then execute it.
+    """A SLURM array task: send this attempt's output to the run's logs, then execute it.
 
     SLURM appends every attempt of a requeued task to the same file of submitit's folder, so each
     attempt writes its own files instead: its stdout and stderr are redirected there once it
     starts, and submitit's file keeps what came before (submitit's start-up, `launcher.setup`) and
     SLURM's own messages (an out-of-memory kill), with a line naming the attempt's files.
-    `checkpoint` (inherited) resubmits the same call: the requeued task trains the same folder.
+    Rank 0 writes logs/attempt-N.out and .err, rank r > 0 attempt-N.rank<r>.out and .err
+    (`store.attempt_log`). `checkpoint` (inherited) resubmits the same call: the requeued job
+    trains the same folder. On the requeue signal submitit has rank 0 alone checkpoint and requeue,
+    and SLURM restarts every task; the other ranks carry on until then (a rank that stopped could hold
+    rank 0 in a collective, where it cannot act on its signal).
     """
 
-    def __call__(self, run_dir: str) -> str:
+    def __call__(self, run_dir: str, first_attempt: int | None = None) -> str:
+        """`first_attempt`: the run's next attempt number when the job was submitted (None: a job an older
+        hpt queued, of one task, which counts its attempt from the logs as it did)."""
         _survive_requeue_race()
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            export_distributed()
         folder = Path(run_dir)
-        attempt = new_attempt(folder)
+        # Every task of the job computes the same number, without counting the logs its peers are creating.
+        attempt = (new_attempt(folder) if first_attempt is None
+                   else first_attempt + int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         (folder / "logs").mkdir(exist_ok=True)
-        files = [folder / "logs" / f"attempt-{attempt}.{suffix}" for suffix in ("out", "err")]
-        print(f"hpt: attempt {attempt} of run {folder.name} writes to {files[0]} and {files[1]}", flush=True)
+        files = [folder / "logs" / attempt_log(attempt, suffix, env.global_rank) for suffix in ("out", "err")]
+        rank = f" (rank {env.global_rank} of {env.num_tasks})" if env.num_tasks > 1 else ""
+        print(f"hpt: attempt {attempt} of run {folder.name}{rank} writes to {files[0]} and {files[1]}", flush=True)
         sys.stderr.flush()
         for fd, path in zip((1, 2), files, strict=True):
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(out, fd)
             os.close(out)
-        return job.execute(folder)
+        status = job.execute(folder)
+        if env.num_tasks > 1:  # a rank's gloo threads can abort the interpreter's teardown (files.exit_process)
+            exit_process(0)
+        return status
+
+
+def export_distributed() -> None:
+    """In a task of a multi-task job: torch.distributed's env:// variables, as torchrun sets them (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; MASTER_ADDR: the job's first node, MASTER_PORT: drawn from the
+    job id, so the array's jobs sharing a node differ).
+
+    CUDA_VISIBLE_DEVICES stays SLURM's (all the GPUs of the task's node): a rank takes cuda:LOCAL_RANK, as
+    under torchrun. The job's values win over any the submitting shell passed on (sbatch exports its environment).
+    """
+    os.environ.pop("MASTER_PORT", None)  # submitit keeps a set port: one for every job of the array
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def _survive_requeue_race() -> None:

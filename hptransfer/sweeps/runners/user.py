@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,37 +44,53 @@ class RunFailed(Exception):
 
 
 def run(run_dir: Path) -> dict[str, Any]:
-    """Run the user's code for this run folder; the result record (also written to result.json)."""
+    """Run the user's code for this run folder; the result record (also written to result.json).
+
+    In a task of a multi-task SLURM job (torch's RANK set, > 0) the code runs as one rank of the run and its
+    result is rank 0's: this task writes nothing to the folder and returns only its status.
+    """
     t0 = time.time()
     frozen = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     spec = frozen["run"]
+    main = os.environ.get("RANK", "0") == "0"
     try:
-        with _heartbeat(run_dir):
+        with _heartbeat(run_dir) if main else nullcontext():
             raw = _call(spec, frozen, run_dir) if spec["target"] else _command(spec, frozen, run_dir)
-        result = _contract(raw, run_dir)
+        if not main:
+            return {"status": "completed"}
+        result = _contract(raw if raw is not None else _written(run_dir, _missing(spec)), run_dir)
     except (RunFailed, HptError) as err:
         result = _failed(str(err))
     except Exception:  # the user's callable raised: its traceback is the error
         result = _failed(traceback.format_exc().rstrip())
+    if not main:
+        return result
     result.update(run_id=run_dir.name, sweep=run_dir.parent.name, wall_s=time.time() - t0, env=_env(spec))
     write_json_atomic(run_dir / "result.json", result)
     return result
 
 
-def _call(spec: dict[str, Any], frozen: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _missing(spec: dict[str, Any]) -> str:
+    """What a run that gave no result is told."""
+    if spec["target"]:
+        return f"{spec['target']} returned None and wrote no result.json: {CONTRACT}"
+    return f"the command printed no JSON object and wrote no result.json: {CONTRACT}"
+
+
+def _call(spec: dict[str, Any], frozen: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The callable's return value (None: look for the result.json it wrote)."""
     fn = user.import_object(spec["target"], spec["path"], "run.target")
     if not callable(fn):
         raise RunFailed(f"run.target '{spec['target']}' is not callable")
     os.chdir(spec["cwd"])  # a job runs one run: its working folder is the project's, as for a command
     out = fn(OmegaConf.create(user.user_keys(frozen)), run_dir)
-    if out is None:
-        return _written(run_dir, f"{spec['target']} returned None and wrote no result.json: {CONTRACT}")
-    if not isinstance(out, dict):
+    if out is not None and not isinstance(out, dict):
         raise RunFailed(f"{spec['target']} returned a {type(out).__name__}, not a dict: {CONTRACT}")
     return out
 
 
-def _command(spec: dict[str, Any], frozen: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _command(spec: dict[str, Any], frozen: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The last JSON object the command printed, unless it wrote result.json (then None: that file is read)."""
     line = (spec["command"]
             .replace("{overrides}", " ".join(shlex.quote(o) for o in user.overrides(frozen)))
             .replace("{config}", shlex.quote(str(run_dir / "config.yaml")))
@@ -102,9 +118,7 @@ def _command(spec: dict[str, Any], frozen: dict[str, Any], run_dir: Path) -> dic
         code = proc.wait()
     if code != 0:
         raise RunFailed(f"the command exited with status {code}; the last lines of its output:\n" + "\n".join(tail))
-    if (run_dir / "result.json").exists() or last is None:
-        return _written(run_dir, f"the command printed no JSON object and wrote no result.json: {CONTRACT}")
-    return last
+    return None if (run_dir / "result.json").exists() else last
 
 
 def _written(run_dir: Path, missing: str) -> dict[str, Any]:
