@@ -491,3 +491,25 @@ def test_the_local_fit_finds_an_exact_parabolas_minimum(offset):
     x = np.arange(-5.0, 0.0)
     fit = local_fit(x, (x + 3) ** 2 / 10 + offset, np.arange(5))
     assert fit.kind == "cubic" and fit.x_opt == pytest.approx(-3.0, abs=1e-9)
+
+
+def test_fixed_tokens_per_param_sweeps_group_by_the_ratio() -> None:
+    """At a fixed train.tokens_per_param each width trains its own tokens (and steps): those vary with the
+    scale, the ratio holds the group together, and two ratios are two groups."""
+
+    def at_ratio(ratio: float) -> pd.DataFrame:
+        df = table({"mup": Truth()}, widths=(64, 128, 256))
+        tokens = (ratio * df["n_params"]).round().astype(int)
+        return df.assign(**{"cfg.train.tokens_per_param": ratio, "tokens": tokens, "cfg.train.tokens": tokens,
+                            "steps": tokens // (16 * 128), "cfg.train.steps": tokens // (16 * 128),
+                            "run_id": df["run_id"] + f"-tpp{ratio}"})
+
+    assert [g.label for g in find_groups(at_ratio(8.0))] == ["mup × width"]  # its tokens follow the width
+    groups = {g.label: g for g in find_groups(pd.concat([at_ratio(8.0), at_ratio(20.0)], ignore_index=True))}
+    widths = {"mup × width [train.tokens_per_param=8.0]", "mup × width [train.tokens_per_param=20.0]"}
+    # Two ratios at one width are two durations of that width: a tokens group each, the width held fixed.
+    durations = {f"mup × tokens [model.n_heads={w // 32}, model.width={w}]" for w in (64, 128, 256)}
+    assert set(groups) == widths | durations
+    g = groups["mup × width [train.tokens_per_param=8.0]"]
+    assert g.scales == [64, 128, 256] and {"train.tokens", "train.steps"} <= set(g.varies_with_scale)
+    assert all(len(groups[d].scales) == 2 and groups[d].runs["width"].nunique() == 1 for d in durations)

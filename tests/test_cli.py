@@ -340,7 +340,8 @@ def test_learning_rates_read_the_same_in_status_and_analyze():
 
 def test_conf_holds_the_packaged_sweep_files():
     packaged = sorted(p.name for p in hpt_cli.SWEEPS_DIR.glob("*.yaml"))
-    assert packaged == ["batch.yaml", "depth.yaml", "duration.yaml", "width.yaml"]
+    assert {"batch.yaml", "depth.yaml", "duration.yaml", "width.yaml", "tpp.yaml"} <= set(packaged)
+    assert sorted(p.name for p in (REPO / "conf").glob("*.yaml")) == packaged  # conf/ links to each, and only those
     for name in packaged:
         assert (REPO / "conf" / name).read_text() == (hpt_cli.SWEEPS_DIR / name).read_text()
 
@@ -356,11 +357,12 @@ def test_init_copies_the_sweep_files_and_never_overwrites_without_force(tmp_path
     dest = tmp_path / "studies"
     res = cli("init", str(dest))
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in dest.iterdir()) == ["batch.yaml", "depth.yaml", "duration.yaml", "width.yaml"]
+    packaged = sorted(p.name for p in hpt_cli.SWEEPS_DIR.glob("*.yaml"))
+    assert sorted(p.name for p in dest.iterdir()) == packaged
     assert f"hpt sweep {dest / 'width.yaml'} --dry-run" in res.stdout
     (dest / "width.yaml").write_text("# mine\n")
     res = cli("init", str(dest))
-    assert res.returncode == 0 and "kept 4 existing" in res.stderr
+    assert res.returncode == 0 and f"kept {len(packaged)} existing" in res.stderr
     assert (dest / "width.yaml").read_text() == "# mine\n"
     res = cli("init", str(dest), "--force")
     assert (dest / "width.yaml").read_text() == (hpt_cli.SWEEPS_DIR / "width.yaml").read_text()

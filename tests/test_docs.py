@@ -47,6 +47,7 @@ EXPECTED = [
     ("hptransfer/train/rules.py", "def apply_rules"),
     ("hptransfer/train/rules.py", "def timescale_factor"),
     ("hptransfer/config/derived.py", "12 * n_layers * width * seq_len * tokens"),
+    ("hptransfer/config/derived.py", "tokens = max(1, round(ratio * n))"),
 ]
 MAP_SECTION = "## The formula-to-code map"
 CODE_LINK = re.compile(r"\]\(\.\./(hptransfer/[\w/]+\.py)#L(\d+)(?:-L(\d+))?\)")

@@ -254,3 +254,32 @@ def test_q_per_kv_keeps_the_ratio_along_a_width_sweep(tiny):
     heads = {r.config["model"]["width"]: heads_and_dim(validate(r.config).model, r.config["model"]["width"])
              for r in runs}
     assert {w: (h, kv) for w, (h, _, kv) in heads.items()} == {16: (2, 1), 32: (4, 2), 64: (8, 4)}
+
+
+def test_a_fixed_tokens_per_param_gives_each_width_its_own_tokens(tmp_path):
+    """conf/tpp.yaml: tokens = ratio x non-embedding parameters, frozen per run, the same through the fast
+    planner and through validating the composed point (hpt train's path), and reloaded unchanged."""
+    from hptransfer.config.compose import compose_run
+    from hptransfer.config.derived import param_counts
+
+    runs = plan.expand(plan.load(REPO / "conf" / "tpp.yaml", ["optim.lr=0.01", "optim.weight_decay=0.0"]))
+    tokens = {}
+    for r in runs:
+        t, m = r.config["train"], r.config["model"]
+        assert t["tokens_per_param"] == 8 and t["tokens"] == round(8 * param_counts(m, 256)[1])
+        assert t["steps"] == t["tokens"] // (t["batch_size"] * t["seq_len"])
+        tokens[m["width"]] = t["tokens"]
+        again = compose_run(["param=mup", "model.n_layers=2", "model.head_dim=16", f"model.width={m['width']}",
+                             "train.tokens_per_param=8"])
+        assert again.train.tokens == t["tokens"]
+        (tmp_path / "config.yaml").write_text(to_yaml(OmegaConf.create(r.config)))
+        assert load_yaml(tmp_path / "config.yaml").train.tokens == t["tokens"]  # a frozen run is not refilled
+    assert sorted(tokens) == [32, 64, 128] and tokens[32] < tokens[64] < tokens[128]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["train.tokens_per_param=0"], "'train.tokens_per_param': must be positive, got 0"),
+    (["train.tokens=100000"], "'train.tokens': 100000 disagrees with train.tokens_per_param=8"),
+])
+def test_tokens_per_param_bad_input_is_one_line(tmp_path, args, needle):
+    assert_one_line_error(cli("sweep", "tpp", *args, "--dry-run", "--root", str(tmp_path)), needle)

@@ -26,6 +26,12 @@ AXES: dict[str, tuple[str, ...]] = {
     "batch_size": ("cfg.train.batch_size",),
     "tokens": ("cfg.train.tokens", "cfg.train.steps"),
 }
+# Along the tokens axis the other axes are causes, never consequences: tokens follow the batch size at fixed
+# steps, or width and depth at a fixed train.tokens_per_param, never the other way round. So a tokens group
+# holds them fixed instead of merging, say, a fixed-ratio width sweep's widths into a duration law.
+CAUSES: dict[str, tuple[str, ...]] = {
+    "tokens": tuple(c for a in ("width", "depth", "batch_size") for c in (a, *AXES[a])),
+}
 LR_COLUMN = "lr"
 SEED_COLUMN = "seed"
 # Swept within a group (lr, seed) or the group's own name (param.name = the parameterization); a sweep of
@@ -167,7 +173,7 @@ def _context_columns(rows: pd.DataFrame, axis: str, candidates: list[str]) -> li
     """
     varying = sorted((c for c in candidates if rows[c].nunique(dropna=False) > 1), key=lambda c: c.startswith("cfg."))
     context = list(varying)
-    for col in varying:
+    for col in (c for c in varying if c not in CAUSES.get(axis, ())):
         trial = [c for c in context if c != col]
         dropped = [c for c in varying if c not in trial]
         if _axis_explains(rows, trial, axis, dropped):

@@ -77,7 +77,7 @@ def compose_file(path: Path, overrides: list[str] | None = None) -> DictConfig:
     cfg = _compose(path.parent, path.stem, list(overrides or []))
     OmegaConf.set_struct(cfg, False)
     own = {k: cfg.pop(k) for k in list(cfg.keys()) if k not in RunConfig.__dataclass_fields__}
-    run = validate(cfg)
+    run = validate(cfg, fill=False)  # a sweep's base: train.tokens_per_param is filled at each point's width
     OmegaConf.set_struct(run, False)
     for k, v in own.items():
         run[k] = v

@@ -5,6 +5,7 @@ The sweep planner (`hpt sweep --dry-run`), training, status and the analysis all
 run's planned and reported figures come from one formula each.
 """
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,6 +94,25 @@ def param_counts(model: dict[str, Any], vocab_size: int) -> tuple[int, int]:
     embeddings = vocab_size * w + (model["max_seq_len"] * w if model["pos"] == "learned" else 0)
     non_embedding = model["n_layers"] * block + gains + vocab_size * w
     return non_embedding + embeddings, non_embedding
+
+
+def fill_tokens(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config with train.tokens = train.tokens_per_param x its non-embedding parameters (`param_counts`:
+    every parameter but the token and position embeddings; the readout counts), when the ratio is set; else
+    `cfg` itself. A width sweep at a fixed ratio trains each width on its own number of tokens (Kalra &
+    Barkeshli's fixed tokens-per-parameter setting). A train.tokens that says otherwise is an error."""
+    t = cfg["train"]
+    ratio = t.get("tokens_per_param")  # absent from a config frozen before the key existed
+    if ratio is None:
+        return cfg
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
+        raise HptError(f"config key 'train.tokens_per_param': must be positive, got {ratio}")
+    _, n = param_counts(cfg["model"], cfg["data"]["vocab_size"])
+    tokens = max(1, round(ratio * n))
+    if t["tokens"] is not None and t["tokens"] != tokens:
+        raise HptError(f"config key 'train.tokens': {t['tokens']} disagrees with train.tokens_per_param={ratio:g} "
+                       f"({tokens} tokens for {n} non-embedding parameters): set only one of them")
+    return {**cfg, "train": {**t, "tokens": tokens}}
 
 
 def train_flops(n_params_non_embedding: int, n_layers: int, width: int, seq_len: int, tokens: int) -> int:

@@ -57,7 +57,7 @@ def load_yaml(path: Path) -> DictConfig:
         raise HptError(f"no such file: {path}") from None
     except Exception as err:
         raise HptError(f"cannot read {path}: {error_message(err)}") from None
-    return validate(raw)
+    return validate(raw, fill=False)  # its tokens were settled when it was frozen
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

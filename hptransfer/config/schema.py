@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from hptransfer.config.derived import flatten, heads_and_dim
+from hptransfer.config.derived import fill_tokens, flatten, heads_and_dim
 from hptransfer.errors import HptError
 
 
@@ -121,6 +121,7 @@ class TrainConfig:
     tokens: int | None = None
     batch_size: int = 16
     seq_len: int = 128
+    tokens_per_param: float | None = None  # tokens = this x non-embedding parameters (derived.fill_tokens)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -237,6 +238,7 @@ SCHEMA = OmegaConf.structured(RunConfig)
 RUN_KEYS = [k for k in RunConfig.__dataclass_fields__ if k != "launcher"]  # a run's identity: all but launcher
 
 
+    "train.tokens_per_param": None,
 def error_message(err: Exception) -> str:
     """Hydra and OmegaConf errors span several lines; keep the lines that name the problem."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
@@ -244,14 +246,21 @@ def error_message(err: Exception) -> str:
     return " ".join(keep).split(" Config search path:")[0][:400] or type(err).__name__
 
 
-def validate(cfg: DictConfig | dict) -> DictConfig:
-    """Merge onto the schema (unknown keys and wrong types fail), then check values and shapes."""
+def validate(cfg: DictConfig | dict, *, fill: bool = True) -> DictConfig:
+    """Merge onto the schema (unknown keys and wrong types fail), then check values and shapes.
+
+    `fill`: set train.tokens from train.tokens_per_param (a run's config); False for a config whose tokens
+    are settled (a frozen run) or not yet (a sweep's base, filled point by point at each width).
+    """
     try:
         merged = OmegaConf.merge(SCHEMA, cfg)
         plain = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise HptError(_schema_message(err)) from None
-    check_values(plain)
+    filled = fill_tokens(plain) if fill else plain  # train.tokens from train.tokens_per_param, frozen with the run
+    if filled is not plain:
+        merged.train.tokens = filled["train"]["tokens"]
+    check_values(filled)
     return merged
 
 

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hptransfer.config import user
 from hptransfer.config.compose import compose_file, compose_user_file
-from hptransfer.config.derived import SEED_KEY, flatten, heads_and_dim, steps_for_tokens, tokens_of
+from hptransfer.config.derived import SEED_KEY, fill_tokens, flatten, heads_and_dim, steps_for_tokens, tokens_of
 from hptransfer.config.frozen import canonical_json, id_of, identity_json, run_config
 from hptransfer.config.schema import RUN_KEYS, RunConfig, check_values, nearest_key, typed_value, validate
 from hptransfer.errors import HptError
@@ -245,7 +245,8 @@ def expand(spec: SweepSpec) -> list[Run]:
         if interpolated:  # resolve after setting the values: through OmegaConf, point by point
             cfg = run_config(validate(_with_values(base, {k: v for k, v in point.items() if k not in GROUPS})))
         else:
-            cfg = _with_values(base, {d.key: t[i] for d, t, i in zip(spec.dims, typed, index, strict=True) if t})
+            cfg = fill_tokens(_with_values(base, {d.key: t[i] for d, t, i in zip(spec.dims, typed, index, strict=True)
+                                                  if t}))
             check_values(cfg)
         cfg = fill_steps(cfg)
         canon = canonical_json(cfg)
