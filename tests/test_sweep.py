@@ -266,11 +266,11 @@ def test_a_fixed_tokens_per_param_gives_each_width_its_own_tokens(tmp_path):
     tokens = {}
     for r in runs:
         t, m = r.config["train"], r.config["model"]
-        assert t["tokens_per_param"] == 8 and t["tokens"] == round(8 * param_counts(m, 256)[1])
+        assert t["tokens_per_param"] == 4 and t["tokens"] == round(4 * param_counts(m, 256)[1])
         assert t["steps"] == t["tokens"] // (t["batch_size"] * t["seq_len"])
         tokens[m["width"]] = t["tokens"]
         again = compose_run(["param=mup", "model.n_layers=2", "model.head_dim=16", f"model.width={m['width']}",
-                             "train.tokens_per_param=8"])
+                             "train.tokens_per_param=4"])
         assert again.train.tokens == t["tokens"]
         (tmp_path / "config.yaml").write_text(to_yaml(OmegaConf.create(r.config)))
         assert load_yaml(tmp_path / "config.yaml").train.tokens == t["tokens"]  # a frozen run is not refilled
@@ -279,7 +279,7 @@ def test_a_fixed_tokens_per_param_gives_each_width_its_own_tokens(tmp_path):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["train.tokens_per_param=0"], "'train.tokens_per_param': must be positive, got 0"),
-    (["train.tokens=100000"], "'train.tokens': 100000 disagrees with train.tokens_per_param=8"),
+    (["train.tokens=100000"], "'train.tokens': 100000 disagrees with train.tokens_per_param=4"),
 ])
 def test_tokens_per_param_bad_input_is_one_line(tmp_path, args, needle):
     assert_one_line_error(cli("sweep", "tpp", *args, "--dry-run", "--root", str(tmp_path)), needle)
