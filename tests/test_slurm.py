@@ -42,6 +42,7 @@ EXAMPLE_ARGS = ["train.steps=10", "model.width=32,64", "optim.lr=0.01", "param=m
 RANKS = ["launcher.tasks_per_node=2"]  # one run, two tasks: ranks 0 and 1 on the node's CPUs
 DDP = [*RANKS, "train.parallel=ddp"]
 EXACT = ["optim.lr=0.004", "param=sp", "train.dtype=float64"]  # float64: one process and two agree to 1e-6
+REQUEUED = [*EXACT, "train.steps=400", "train.log_every=50", "train.checkpoint_every=50"]  # signalled mid-way
 HEARTBEATS = ("heartbeat.json", "heartbeat-rank1.json")  # rank 0's, rank 1's
 # A user's command run by every task of a 2-task job: each prints the torch.distributed variables it got, and
 # rank 0 alone the result, as a distributed trainer does (another rank's output is no result, nor a failure).
@@ -99,6 +100,7 @@ def submitted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     "launcher.max_requeue=10"],
         "ddp": [*DDP, *EXACT],
         "ddp-one": EXACT,  # the same run in one process
+        "ddp-whole": [*DDP, *REQUEUED],  # the requeued run, uninterrupted
         "array": ["optim.lr=0.004,0.008", "param=sp,mup", "launcher.max_array_size=3"],  # split: 3 + 1
         # a GPU asked of a node without CUDA: passes submission (a login node has none either), fails in the job
         "fail": ["optim.lr=0.004", "param=sp", "train.device=cuda"],
@@ -107,8 +109,7 @@ def submitted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with ThreadPoolExecutor(1) as pool:
         # 2 ranks signalled after their first checkpoints: watched from their start, while the rest is
         # submitted and the other tests wait
-        sweep(base / "tiny.yaml", "--name", "ddp-requeue", *ON, *DDP, "optim.lr=0.004", "param=sp",
-              "train.steps=400", "train.log_every=50", "train.checkpoint_every=50")
+        sweep(base / "tiny.yaml", "--name", "ddp-requeue", *ON, *DDP, *REQUEUED)
         requeued = pool.submit(requeue_after_a_checkpoint, runs / "ddp-requeue")
         for name, args in submissions.items():
             sweep(base / "tiny.yaml", "--name", name, *ON, *args)
@@ -240,6 +241,12 @@ def test_a_distributed_run_signalled_to_requeue_restarts_every_rank_from_its_che
     sacct = subprocess.run(["sacct", "-j", run["job_id"], "-D", "-X", "-n", "-o", "State"], capture_output=True,
                            text=True, check=True).stdout.split()
     assert sacct.count("REQUEUED") == 1, sacct  # one requeue, though every rank got the signal
+    # The requeued run's loss curve is the uninterrupted one's.
+    (whole,) = wait_states(submitted.runs, "ddp-whole", {"completed"}).values()
+    curves = [[(r["step"], r.get("loss", r.get("val_loss"))) for r in json_lines(d / "metrics.jsonl")]
+              for d in (logs.parent, submitted.runs / "ddp-whole" / whole["run_id"])]
+    assert [step for step, _ in curves[0]] == [step for step, _ in curves[1]] and len(curves[0]) > 400
+    assert max(abs(a - b) for (_, a), (_, b) in zip(*curves, strict=True)) < 1e-6
 
 
 def test_each_task_of_a_distributed_job_gets_its_rank_and_writes_its_own_logs(root):
@@ -374,7 +381,7 @@ def test_collect_reads_it_all(root, tmp_path):
     assert by_sweep == {"array": ["completed"] * 4, "fail": ["failed"], "requeue": ["cancelled"],
                         "scancel": ["cancelled"], "refused": ["pending"], "example": ["completed"] * 2,
                         "ddp": ["completed"], "ddp-one": ["completed"], "ddp-requeue": ["completed"],
-                        "ranks": ["completed"], "target-mup-width32": ["completed"]}
+                        "ddp-whole": ["completed"], "ranks": ["completed"], "target-mup-width32": ["completed"]}
     done = [r for r in rows if r["status"] == "completed"]
     assert all(r["curve_loss"] and r["job_id"] for r in done)
     assert all(r["flops"] > 0 for r in done if r["sweep"] not in ("example", "ranks"))  # the user's code reports none
