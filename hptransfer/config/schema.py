@@ -119,9 +119,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200
     tokens: int | None = None
+    tokens_per_param: float | None = None  # tokens = this x non-embedding parameters (derived.fill_tokens)
     batch_size: int = 16
     seq_len: int = 128
-    tokens_per_param: float | None = None  # tokens = this x non-embedding parameters (derived.fill_tokens)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -229,6 +229,7 @@ LATER_KEYS: dict[str, Any] = {
     "scaling.timescale.p": None,
     "train.eval_every": 50,
     "train.eval_batches": 4,
+    "train.tokens_per_param": None,
     "train.parallel": "none",
     "train.grad_accum": 1,
     "train.dist_timeout_s": 600.0,
@@ -238,7 +239,6 @@ SCHEMA = OmegaConf.structured(RunConfig)
 RUN_KEYS = [k for k in RunConfig.__dataclass_fields__ if k != "launcher"]  # a run's identity: all but launcher
 
 
-    "train.tokens_per_param": None,
 def error_message(err: Exception) -> str:
     """Hydra and OmegaConf errors span several lines; keep the lines that name the problem."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
