@@ -359,6 +359,128 @@ def sweep(
 
 
 @app.command(rich_help_panel="Sweeps")
+def search(
+    search_file: Annotated[str, typer.Argument(
+        help="A search file (e.g. conf/search.yaml; `search` is the packaged one), or `status` and then a "
+             "search's name.", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Hydra overrides (key=value) for every run, e.g. search.budget.generations=8 launcher=slurm.",
+        show_default=False)] = None,
+    show_status: Annotated[bool, typer.Option("--status", help="Show the search's progress and best point; run "
+                                              "nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the space and the budget; launch nothing.")]
+    = False,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1,
+                                             help="Local: runs at once (default: one per GPU, else one per core).")]
+    = None,
+    name: Annotated[str | None, typer.Option("--name", help="Search name (default: search.name of the file).")]
+    = None,
+    root: Root = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --status: print the summary as JSON.")] = False,
+) -> None:
+    """Search per-module constants with an evolution strategy at small scale.
+
+    The constants: per-class LR, init and output multipliers, Adam betas,
+    weight decay, any float key. The file composes like a sweep file and has
+    a `search:` block: space ({key: {low, high, log}}), budget
+    ({generations, population}), objective (final_val_loss), seeds, strategy
+    (cmaes or random) and, optionally, transfer (the larger scale).
+
+    Each generation asks `population` points of Optuna's CMA-ES, runs each
+    (x seeds) through the sweep engine, locally or as one SLURM array, and
+    tells it the mean loss; a diverged or failed point scores search.penalty
+    (the worst). The search folder is a sweep folder (hpt status and hpt
+    collect see its runs) with the strategy's journal, generations.jsonl and
+    report.md. Stopped at any point, the same command resumes it; a finished
+    run is never run again. With transfer: the best point and the best LR of
+    a grid (the baseline) run again at the search scale and the larger one,
+    several seeds each, and the report says whether the gain holds beyond
+    the seeds' noise.
+
+    Examples:
+      hpt search search --dry-run
+      hpt search conf/search.yaml
+      hpt search conf/search.yaml search.budget.generations=10
+      hpt search status search
+      hpt search search --status --json | jq .best
+      hpt search conf/search.yaml launcher=slurm launcher.partition=cpu
+    """
+    from hptransfer.sweeps import search as searching  # per command
+    from hptransfer.sweeps.store import root_dir  # per command
+
+    base = root_dir(root)
+    args = list(overrides or [])
+    if search_file == "status" and not Path(search_file).is_file():
+        if len(args) != 1:
+            raise HptError("hpt search status takes one search name, e.g. hpt search status search")
+        search_file, args, show_status = args[0], [], True
+    given = Path(search_file)
+    file = given if given.is_file() else SWEEPS_DIR / (given.name if given.suffix in (".yaml", ".yml")
+                                                       else f"{given.name}.yaml")
+    if show_status:
+        found = name or (searching.load(given, args).name if given.is_file() else search_file)
+        data = searching.summary(searching.open_search(found, base))
+        if as_json:
+            print(json.dumps(data, indent=1, default=str))
+            return
+        _print_search(data, hint("search", "status", data["name"], root=root))
+        return
+    if as_json:
+        raise HptError("--json goes with --status")
+    if not file.is_file():
+        names = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml") if "\nsearch:" in p.read_text()))
+        raise HptError(f"no such search file: {search_file} (nor a packaged search of that name: {names})")
+    spec = searching.load(file, args, name=name)
+    launcher = searching.launcher_of(spec)
+    n_jobs = searching.jobs_default(launcher, jobs)
+    if dry_run:
+        space = Table("key", "low", "high", "log", "base", box=None, header_style="bold")
+        for k, b in spec.space.items():
+            space.add_row(k, f"{b.low:g}", f"{b.high:g}", str(b.log), f"{spec.base_values[k]:g}")
+        console.print(space)
+        t = spec.transfer
+        console.print(f"search '{spec.name}': {spec.strategy}, {spec.generations} generations x {spec.population} "
+                      f"points x {len(spec.seeds)} seeds = {searching.total_runs(spec)} runs on {launcher.name}"
+                      + (f"; then a baseline LR grid and the transfer check at "
+                         f"{' '.join(f'{k}={v}' for k, v in t.scale.items())} ({len(t.seeds)} seeds)" if t else "")
+                      + f"; run it with: {hint('search', search_file, *args, root=root)}", highlight=False)
+        return
+
+    def on_event(event: str, s: Any, progress: Any) -> None:
+        if event == "ended":
+            loss = (s.result or {}).get(spec.objective)
+            console.print(f"  {s.run_id} {s.state}" + (f" {spec.objective} {loss:.4f}"
+                                                       if isinstance(loss, float) else f" {s.reason}"),
+                          highlight=False)
+
+    engine = searching.Engine(launcher, n_jobs, on_event, lambda line: console.print(line, highlight=False))
+    try:
+        data = searching.run_search(spec, base, engine)
+    except KeyboardInterrupt:
+        err_console.print("hpt: stopped; resume with the same command (finished runs are kept).", soft_wrap=True)
+        raise typer.Exit(130) from None
+    _print_search(data, hint("search", "status", spec.name, root=root))
+
+
+def _print_search(data: dict[str, Any], again: str) -> None:
+    """A search's best per generation, its best point and its transfer check (from `search.summary`)."""
+    table = Table("generation", "trials", "diverged/failed", "best", "best so far", box=None, header_style="bold")
+    for g in data["generations"]:
+        table.add_row(str(g["generation"] + 1), str(g["trials"]), str(g["failed"]),
+                      *("-" if x is None else f"{x:.4f}" for x in (g["best"], g["best_so_far"])))
+    console.print(f"search '{data['name']}' ({data['path']}): {len(data['generations'])} generations logged",
+                  highlight=False)
+    console.print(table)
+    best = data["best"]
+    if best:
+        console.print(f"best point (trial {best['number']}, {best['value']:.4f}): "
+                      + " ".join(f"{k}={v:.4g}" for k, v in best["params"].items()), highlight=False)
+    for scale, c in ((data.get("transfer") or {}).get("scales") or {}).items():
+        console.print(f"transfer at the {scale} scale: {c['verdict']}", highlight=False)
+    console.print(f"report: {Path(data['path']) / 'report.md'}; again: {again}", highlight=False)
+
+
+@app.command(rich_help_panel="Sweeps")
 def status(
     sweep: Annotated[str | None, typer.Argument(help="Sweep name or folder (default: every sweep).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: counts and every run.")] = False,

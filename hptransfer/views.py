@@ -303,6 +303,8 @@ def grids(states: list[RunState], axis: str, grid_keys: list[str]) -> list[Table
         return []
     others = [k for k in grid_keys if k != col]
     values = {k: _ordered(s.point.get(k) for s in states) for k in [axis, col, *others]}
+    if math.prod(len(v) for v in values.values()) > 4 * len(states):  # scattered points (a search's), no grid
+        return []
     cells_of: dict[tuple[Any, ...], list[RunState]] = defaultdict(list)  # one pass, not one per cell
     for s in states:
         cells_of[tuple(s.point.get(k) for k in [*others, axis, col])].append(s)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
      "hptransfer.sweeps.job"),
     ("hptransfer.sweeps.backends",),
     ("hptransfer.sweeps.state",),
-    ("hptransfer.sweeps.launch",),
+    ("hptransfer.sweeps.launch", "hptransfer.sweeps.search"),
     ("hptransfer.sweeps.collect",),
     ("hptransfer.analysis",),
     ("hptransfer.views",),

@@ -106,6 +106,8 @@ def load(path: Path, overrides: list[str] | None = None, *, name: str | None = N
         composed = compose_file(path, [o.input_line for o in plain])
     block = composed.get("sweep")
     if not isinstance(block, DictConfig):
+        if isinstance(composed.get("search"), DictConfig):  # a search file (hpt search), not a sweep file
+            raise HptError(f"{path} is a search file (a 'search:' block, no 'sweep:'): run it with hpt search {path}")
         raise HptError(f"{path} has no 'sweep:' block (see conf/width.yaml)")
     axis = block.get("axis")
     if not isinstance(axis, DictConfig) or "key" not in axis or "values" not in axis:
