@@ -475,6 +475,9 @@ def _print_search(data: dict[str, Any], again: str) -> None:
     if best:
         console.print(f"best point (trial {best['number']}, {best['value']:.4f}): "
                       + " ".join(f"{k}={v:.4g}" for k, v in best["params"].items()), highlight=False)
+    if data.get("sensitivities"):  # which keys mattered near the optimum found
+        console.print("sensitivities (share of the objective's variation): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in data["sensitivities"].items()), highlight=False)
     for scale, c in ((data.get("transfer") or {}).get("scales") or {}).items():
         console.print(f"transfer at the {scale} scale: {c['verdict']}", highlight=False)
     console.print(f"report: {Path(data['path']) / 'report.md'}; again: {again}", highlight=False)

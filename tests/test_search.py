@@ -5,6 +5,7 @@ these are end-to-end tests of the engine: run folders, job records, resume, the 
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -230,3 +231,22 @@ def test_a_search_on_slurm_runs_each_generation_as_an_array(project, tmp_path):
     assert proc.stdout.count("runs submitted to SLURM as job") == 2  # one array per generation
     records = json_lines(root / "bowl" / "jobs.jsonl")
     assert "slurm" in {r.get("executor") for r in records} and "local" not in {r.get("executor") for r in records}
+
+
+def test_sensitivities_rank_the_key_the_objective_depends_on_first():
+    """A detector: the objective depends on `a` alone, so `a` takes nearly all the share and `b` almost none;
+    swapped, the ranking swaps."""
+    import random
+
+    from hptransfer.sweeps.search import sensitivities
+
+    rng = random.Random(0)
+    space = {"a": {"low": 0.125, "high": 8.0, "log": True}, "b": {"low": 0.0, "high": 1.0, "log": False}}
+    points = [{"a": 2 ** rng.uniform(-3, 3), "b": rng.uniform(0, 1)} for _ in range(60)]
+    for key, other in (("a", "b"), ("b", "a")):
+        def loss(p: dict, key: str = key) -> float:
+            return (math.log2(p[key]) - 1) ** 2 if key == "a" else (p[key] - 0.3) ** 2
+        logged = [{"trials": [{"params": p, "value": loss(p), "outcome": "completed"} for p in points]}]
+        shares = sensitivities(logged, space)
+        assert list(shares)[0] == key and shares[key] > 0.8 > shares[other], shares
+    assert sensitivities([{"trials": []}], space) == {}  # too few trials: no ranking

@@ -35,6 +35,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -635,7 +636,33 @@ def summary(folder: SweepFolder) -> dict[str, Any]:
         except (OSError, ValueError):
             definition = None
     return {"name": folder.name, "path": str(folder.path), "generations": rows, "best": best,
-            "definition": definition, "transfer": transfer}
+            "definition": definition, "transfer": transfer,
+            "sensitivities": sensitivities(logged, definition["space"]) if definition else {}}
+
+
+MIN_TRIALS_FOR_SENSITIVITY = 10  # fewer completed trials than this: no ranking worth printing
+
+
+def sensitivities(logged: list[dict[str, Any]], space: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How much of the objective's variation each key accounts for among the completed trials: Optuna's
+    PED-ANOVA importances (they sum to 1; no scikit-learn needed), largest first; {} with too few trials.
+    The trials come from a strategy that concentrates where it found good points, so this says which keys
+    the objective was sensitive to *near the optimum found*, not across the whole space."""
+    import optuna  # here: Optuna loads in ~1 s, and only a report ranks the keys
+
+    done = [t for g in logged for t in g["trials"] if t["outcome"] == "completed"]
+    if len(done) < MIN_TRIALS_FOR_SENSITIVITY:
+        return {}
+    dists = {k: optuna.distributions.FloatDistribution(b["low"], b["high"], log=b["log"]) for k, b in space.items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize")  # in memory: the importances only read the trials
+    study.add_trials([optuna.trial.create_trial(params=t["params"], distributions=dists, value=t["value"])
+                      for t in done])
+    with warnings.catch_warnings():  # PED-ANOVA is marked experimental: said once here, not in every report
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        ranked = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {k: float(v) for k, v in ranked.items()}
 
 
 def write_report(spec: SearchSpec, folder: SweepFolder) -> None:
@@ -665,6 +692,13 @@ def report_markdown(s: dict[str, Any]) -> str:
         lines += ["", f"## Best point (trial {b['number']}: {b['value']:.4f})", "", "| key | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" for k, v in b["params"].items()]
         lines += ["", f"Runs: {', '.join(b['run_ids'])}"]
+    if s.get("sensitivities"):
+        lines += ["", "## Sensitivities", "",
+                  "The share of the objective's variation each key accounts for among the completed trials "
+                  "(Optuna's PED-ANOVA importance; the shares sum to 1). The strategy samples densely near the "
+                  "best points, so this ranks the keys by how much they matter there, not over the whole space.",
+                  "", "| key | share |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in s["sensitivities"].items()]
     t = s["transfer"]
     if t:
         lines += ["", "## Transfer check", "",
