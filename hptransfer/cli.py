@@ -846,13 +846,16 @@ def params(
     m^-b, c: learning rate m^-c, g: Adam epsilon m^-g), overridden ones marked
     *; then one row per tensor: shape, class (E embedding, H hidden, R readout,
     V vector-like), width multiplier m, init std, forward multiplier, learning
-    rate, weight decay, Adam epsilon. Any exponent can be overridden to define a
-    parameterization of one's own (param.exponents.<E|H|R>.<a|b|c|g>); check it
-    with coord-check.
+    rate, weight decay, Adam epsilon (- where the optimizer has none). The
+    learning-rate exponents c are the optimizer's (sgd, adafactor and muon
+    have their own: docs/science.md#other-optimizer-families). Any exponent
+    can be overridden to define a parameterization of one's own
+    (param.exponents.<E|H|R>.<a|b|c|g>); check it with coord-check.
 
     Examples:
       hpt params param=mup model.width=512 param.base_width=128
       hpt params param=mup model.width=512 param.exponents.R.c=1
+      hpt params param=mup optim=sgd model.width=512
     """
     from hptransfer.config.compose import compose_run  # per command
     from hptransfer.train.model import param_specs  # per command
@@ -866,16 +869,22 @@ def params(
 
     out = wide(console)  # piped output gets a wide console: tensor names must not be cut
     preset, given = preset_of(cfg), cfg.param.exponents
-    out.print(f"{cfg.param.name}: width exponents per class (* overridden by param.exponents)", highlight=False)
+    out.print(f"{cfg.param.name} with optim={cfg.optim.name}: width exponents per class, c the optimizer's "
+              f"(* overridden by param.exponents)", highlight=False)
     exponents = Table("class", "a", "b", "c", "g", box=None, header_style="bold")
     for cls in ("E", "H", "R"):
         abc = getattr(preset, cls)
         exponents.add_row(cls, *(f"{getattr(abc, e):g}" + ("*" if given[cls][e] is not None else "") for e in "abcg"))
+    if preset.V.c:  # vector-like tensors scale only under an optimizer's own rule (SGD's LR x length)
+        exponents.add_row("V", *(f"{getattr(preset.V, e):g}" for e in "abcg"))
     out.print(exponents)
     table = Table(*SPEC_COLUMNS, box=None, header_style="bold")
     for s in specs.values():
         table.add_row(*s.cells())
     out.print(table)
+    if cfg.optim.name == "muon":
+        out.print("muon: the H rows' lr is torch.optim.Muon's, which scales it by sqrt(max(1, fan_out / fan_in)); "
+                  "E, R and V train with AdamW", highlight=False)
 
 
 @app.command("coord-check", rich_help_panel="One run")

@@ -197,7 +197,8 @@ def per_class_lrs(
     if base is None:
         return None, ["no per-class learning rates: the table has no param.base_width"]
     m = width / float(base)
-    preset = resolve_preset(param, {c: {e: fixed.get(f"param.exponents.{c}.{e}") for e in "abcg"} for c in "EHR"})
+    preset = resolve_preset(param, {c: {e: fixed.get(f"param.exponents.{c}.{e}") for e in "abcg"} for c in "EHR"},
+                            fixed.get("optim.name") or "adamw")  # the optimizer's own LR exponents (SGD, ...)
     alpha = depth_exponent(param, fixed.get("param.depth_alpha"))
     depth_lr = depth_lr_exponent(alpha, fixed.get("param.exponents.depth.lr"))
     layers, base_depth = fixed.get("model.n_layers"), fixed.get("param.base_depth")

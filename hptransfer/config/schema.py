@@ -105,6 +105,8 @@ class OptimConfig:
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
     min_lr_frac: float = 0.1
+    momentum: float = 0.9  # sgd: heavy-ball momentum; muon: Muon's momentum (its H matrices)
+    nesterov: bool = False  # sgd and muon: Nesterov momentum
 
 
 @dataclass
@@ -194,7 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_scale": ("auto", "inv_sqrt", "inv"),
     "param.alignment": ("full", "none"),
     "init.scheme": ("fan_in", "constant"),
-    "optim.name": ("adamw", "adam_atan2"),
+    "optim.name": ("adamw", "adam_atan2", "sgd", "adafactor", "lion", "muon"),
     "optim.wd_mode": ("independent", "coupled", "scaled"),
     "optim.eps_scaling": ("none", "per_layer"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
@@ -213,6 +215,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # so a width-independent init (init.scheme=constant) breaks them. train/param.py checks at its import that
 # these are the presets whose `mup_attention` is set.
 MUP_FAMILY: tuple[str, ...] = ("mup_everett", "mup", "completep", "depth_mup")
+# The presets each optimizer has a published width rule for (train/param.py's OPTIMIZER_LR table, checked at its
+# import): optim.name with another preset is an error before anything trains. Adam-like optimizers have them all.
+OPTIMIZER_PRESETS: dict[str, tuple[str, ...]] = {
+    "sgd": ("sp", "sp_perlayer", "ntk", "mfp", "mup_everett", "mup"),
+    "adafactor": ("sp", "sp_perlayer", "ntk", "mfp", "mup_everett", "mup"),
+    "muon": ("sp", "sp_emb", "sp_perlayer", "ntk", "mfp", "mup_everett", "mup"),
+}
 
 # Keys added to the run config after runs were first frozen, with their defaults. A run that leaves
 # such a key at its default hashes as it did before the key existed (config.frozen.identity_json), so
@@ -233,6 +242,8 @@ LATER_KEYS: dict[str, Any] = {
     "train.parallel": "none",
     "train.grad_accum": 1,
     "train.dist_timeout_s": 600.0,
+    "optim.momentum": 0.9,
+    "optim.nesterov": False,
 }
 
 SCHEMA = OmegaConf.structured(RunConfig)
@@ -362,7 +373,7 @@ def check_values(c: dict[str, Any]) -> None:
     for key in ("optim.weight_decay", "optim.eps", "optim.grad_clip", "train.checkpoint_every", "train.eval_every"):
         if get(key) < 0:
             raise bad(key, "must be >= 0")
-    for key in ("optim.beta1", "optim.beta2"):
+    for key in ("optim.beta1", "optim.beta2", "optim.momentum"):
         if not 0 <= get(key) < 1:
             raise bad(key, "must be in [0, 1)")
     for key in ("optim.warmup_frac", "optim.decay_frac", "optim.min_lr_frac", "data.val_frac"):
@@ -380,6 +391,18 @@ def check_values(c: dict[str, Any]) -> None:
         raise bad("init.scheme", f"constant (one init std at every width) breaks the width scaling of '{name}'; "
                   "use init.scheme=fan_in, or param=sp for GPT-2's constant init")
     _check_wd_rules(c["scaling"], c["optim"], bad)
+    _check_optimizer(c["optim"]["name"], c["param"]["name"], bad)
+    if c["optim"]["name"] == "muon" and t["parallel"] == "fsdp":
+        raise bad("train.parallel", "fsdp shards the matrices Muon orthogonalizes whole: use train.parallel=ddp, "
+                  "or optim=adamw")
+
+
+def _check_optimizer(optimizer: str, preset: str, bad: Callable[[str, str], HptError]) -> None:
+    """An optimizer whose update is not Adam-like has its own width exponents, published for some presets only."""
+    supported = OPTIMIZER_PRESETS.get(optimizer)
+    if supported is not None and preset not in supported:
+        raise bad("optim.name", f"{optimizer} has no published width rule for param={preset} "
+                  f"(docs/science.md#other-optimizer-families): use param={' | '.join(supported)}, or optim=adamw")
 
 
 def check_processes(train: Mapping[str, Any], processes: int) -> None:

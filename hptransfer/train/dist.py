@@ -200,7 +200,7 @@ def verify(model: nn.Module, specs: Mapping[str, TensorSpec], opt: torch.optim.O
             name = names[id(p)]
             trained.add(id(p))
             for key in ("lr", "base_lr", "weight_decay", "eps"):
-                if key in group and group[key] != want[name][key]:
+                if key in group and key in want[name] and group[key] != want[name][key]:
                     raise HptError(f"optimizer group {i} trains {name!r} with {key} {group[key]:.6g}, its spec "
                                    f"{want[name][key]:.6g}: build the groups from the specs (optim.param_groups)")
     if untrained := [n for i, n in names.items() if i not in trained]:

@@ -5,6 +5,9 @@ Each distinct (class, lr, weight decay, eps) is one parameter group holding its 
 onto decoupled AdamW decay `p -= lr_t * wd_group * p`:
   coupled / scaled: wd_group = the spec's decay (scaled already carries m^c);
   independent:      wd_group = lam / base_lr, so the decay is schedule(t) * lam, free of the LR.
+Every optimizer here decays that way (SGD's coupled L2 is replaced by it, `SGDW`). The per-class LRs of each
+optimizer family come from the specs (train/param.py OPTIMIZER_LR), never from a branch here. A group has
+an `eps` only where its tensors' optimizer has an Adam epsilon (spec eps not None).
 """
 
 import math
@@ -51,8 +54,83 @@ class AdamAtan2(torch.optim.Optimizer):
                 p.add_(torch.atan2(m_hat, group["b"] * v_hat.sqrt()), alpha=-group["lr"] * group["a"])
 
 
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", algorithm 2):
+
+        c = beta1 * m + (1 - beta1) * g;  p -= lr * (sign(c) + wd * p);  m = beta2 * m + (1 - beta2) * g
+
+    A sign update: every coordinate moves by exactly lr (plus decay), so Adam's width exponents apply; no epsilon.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = torch.sign(m * beta1 + p.grad * (1 - beta1))
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as the paper's
+                p.add_(update, alpha=-group["lr"])
+                m.lerp_(p.grad, 1 - beta2)
+
+
+class SGDW(torch.optim.SGD):
+    """torch's SGD (momentum, Nesterov) with AdamW's decoupled decay p -= lr * wd * p instead of L2 in the
+    gradient, so that every wd_mode means for SGD what it means for AdamW (the momentum would amplify L2)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        decays = [g["weight_decay"] for g in self.param_groups]
+        for g, wd in zip(self.param_groups, decays, strict=True):
+            if wd:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.mul_(1 - g["lr"] * wd)
+            g["weight_decay"] = 0.0  # torch's own step: no L2 on top
+        try:
+            super().step()
+        finally:
+            for g, wd in zip(self.param_groups, decays, strict=True):
+                g["weight_decay"] = wd
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the groups marked `muon` (the 2-D hidden matrices H), AdamW on the rest (E, R, V), as Muon is used.
+
+    One optimizer: one list of groups (the schedule, `dist.verify` and checkpoints see every group) and one state.
+    Each step hands the groups to a torch.optim.Muon and a torch.optim.AdamW that share that state, linked anew
+    every step because load_state_dict replaces groups and state. Muon scales each H group's lr by torch's
+    "original" (Jordan's) factor sqrt(max(1, fan_out / fan_in)); the spec's lr is Muon's lr argument.
+    """
+
+    def __init__(self, groups: list[dict], *, betas: tuple[float, float], momentum: float, nesterov: bool):
+        muon = [g for g in groups if g["muon"]]
+        adam = [g for g in groups if not g["muon"]]
+        # The parts fill in their own defaults (Muon's Newton-Schulz eps, AdamW's betas) in the shared group dicts.
+        self._muon = torch.optim.Muon(muon, momentum=momentum, nesterov=nesterov, adjust_lr_fn="original") \
+            if muon else None
+        self._adam = torch.optim.AdamW(adam, betas=betas, foreach=True) if adam else None
+        super().__init__([*(self._muon.param_groups if self._muon else []),
+                          *(self._adam.param_groups if self._adam else [])], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        for part, muon in ((self._muon, True), (self._adam, False)):
+            if part is not None:
+                part.param_groups = [g for g in self.param_groups if g["muon"] is muon]
+                part.state = self.state
+                part.step()
+
+
 def param_groups(model: nn.Module, specs: dict[str, TensorSpec], wd_mode: str) -> list[dict]:
-    """One group per distinct (class, lr, weight decay, eps), each with its own base_lr."""
+    """One group per distinct (class, lr, weight decay, eps), each with its own base_lr; `eps` only where the
+    tensors' optimizer has an Adam epsilon (spec eps not None)."""
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         s = specs[name]
@@ -60,7 +138,7 @@ def param_groups(model: nn.Module, specs: dict[str, TensorSpec], wd_mode: str) -
         wd = (s.weight_decay / s.lr if s.lr else 0.0) if wd_mode == "independent" else s.weight_decay
         key = (s.cls, s.lr, wd, s.eps)
         g = groups.setdefault(key, {"params": [], "names": [], "cls": s.cls, "base_lr": s.lr, "lr": s.lr,
-                                    "weight_decay": wd, "eps": s.eps})
+                                    "weight_decay": wd, **({} if s.eps is None else {"eps": s.eps})})
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
@@ -74,6 +152,17 @@ def build_optimizer(model: nn.Module, specs: dict[str, TensorSpec], cfg: DictCon
         for g in groups:
             g.pop("eps")  # Adam-atan2 has no epsilon
         return AdamAtan2(groups, betas=betas, a=o.atan2_a, b=o.atan2_b)
+    if o.name == "sgd":
+        return SGDW(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    if o.name == "lion":
+        return Lion(groups, betas=betas)
+    if o.name == "adafactor":
+        # torch's defaults (beta2 decay -0.8, eps (None, 1e-3), clipping d = 1); its lr caps rho_t = min(lr, 1/sqrt(t))
+        return torch.optim.Adafactor(groups, foreach=True)
+    if o.name == "muon":
+        for g in groups:
+            g["muon"] = g["cls"] == "H"
+        return MuonAdamW(groups, betas=betas, momentum=o.momentum, nesterov=o.nesterov)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, betas=betas, fused=on_cuda or None, foreach=None if on_cuda else True)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 
 from omegaconf import DictConfig, OmegaConf
 
-from hptransfer.config.schema import CHOICES, MUP_FAMILY
+from hptransfer.config.schema import CHOICES, MUP_FAMILY, OPTIMIZER_PRESETS
+from hptransfer.errors import HptError
 
 CLASSES = ("E", "H", "R", "V")
 
@@ -44,9 +45,9 @@ class Preset:
     R: ABC
     depth_alpha: float = 0.0     # residual branches x mL^-alpha (0: no depth scaling)
     mup_attention: bool = False  # attention logits scale 1/d_head (as sqrt(d_head_base)/d_head)
+    V: ABC = ABC(0, 0, 0, 0)  # vector-like: only an optimizer's own LR rule (SGD's) scales it, by its length
 
 
-_V = ABC(0, 0, 0, 0)  # V never scales with width
 _SP = Preset(E=ABC(0, 0, 0, 0.5), H=ABC(0, 0.5, 0, 0.5), R=ABC(0, 0.5, 0, 0))
 _MUP_EVERETT = Preset(
     E=ABC(-0.5, 0.5, 0.5, 0.5),
@@ -71,6 +72,59 @@ PRESETS: dict[str, Preset] = {
 }
 if tuple(PRESETS) != CHOICES["param.name"]:  # the schema lists the names users may choose: the same ones
     raise ImportError(f"PRESETS {tuple(PRESETS)} and the schema's param.name choices differ")
+# Optimizer families (docs/science.md#other-optimizer-families). The abc rows above are for Adam-like updates,
+# normalized per coordinate (AdamW, Adam-atan2, and Lion, a sign update). Another update keeps the preset's a and b
+# but has its own LR exponents: OPTIMIZER_LR[optimizer][preset][class] = (c, c under alignment=none), each
+# replacing the Adam row's; a class it leaves out keeps the Adam row (Muon trains E, R and V with AdamW).
+# Everett et al. 2024 (arXiv 2407.05872) give SGD and Adafactor for sp, ntk, mup, mfp; the rows here are derived
+# as their Adam rows are (full alignment: a layer's output change is LR x per-entry gradient summed over its fan-in)
+# and checked against their symmetries (SGD: c - 2t; Adafactor: c unchanged) and, for mup, MuSGD.
+_SGD = {
+    # "Standard practice": one global LR at every width, as sp does under Adam (no rule; the coord check fails it).
+    "sp": {"E": (0, None), "H": (0, None), "R": (0, None), "V": (0, None)},
+    # Everett et al.'s SGD rows (derived). Backward signal per hidden coordinate n^-(a_R + b_R): SP, NTK n^-1/2;
+    # muP, MFP 1/n.
+    # SP: E -1/2 (embedding gradient n^-1/2), H 1/2 (n^-1/2 gradient summed over n), R 1 (O(1) gradient over n).
+    "sp_perlayer": {"E": (-0.5, None), "H": (0.5, 0), "R": (1, 0.5), "V": (-0.5, None)},
+    # NTK = SP moved by the SGD symmetry (a + t, b - t, c - 2t) with t = (0, 1/2, 1/2): c = SP's - (0, 1, 1).
+    "ntk": {"E": (-0.5, None), "H": (-0.5, -1), "R": (0, -0.5), "V": (-0.5, None)},
+    # MFP = muP (Everett's) moved by t = 1/2 on every class: c = muP's - 1.
+    "mfp": {"E": (-1, None), "H": (-1, -1.5), "R": (-1, -1.5), "V": (-1, None)},
+    # muP for SGD (Tensor Programs IV/V): every c = 0 in Everett's a, b.
+    "mup_everett": {"E": (0, None), "H": (0, -0.5), "R": (0, -0.5), "V": (-1, None)},
+    # microsoft/mup's form (MuSGD): E and R moved by t = 1/2, so LR x m on them (vector-like: x fan-out), H flat.
+    "mup": {"E": (-1, None), "H": (0, -0.5), "R": (-1, -1.5), "V": (-1, None)},
+}
+# V (gains, biases) under SGD: its gradient is the backward signal times O(1) inputs, as an embedding's with a = b = 0,
+# so c_V is E's in the presets whose E has a = b = 0 (MuSGD's "vector-like x fan-out": -1 under muP). No alignment
+# sum reaches E or V: their c is the same under alignment=none; H and R lose 1/2 (a sum over n becomes sqrt(n)).
+_ADAFACTOR = {
+    # Adafactor's step is lr x RMS(parameter) x a normalized update (torch.optim.Adafactor, no momentum): the RMS
+    # supplies the init's m^-b, so c = Adam's c - b (Everett et al.'s Adafactor column), invariant under the
+    # abc symmetry: mup and mup_everett agree. sp: one global LR, as under Adam.
+    "sp": {"E": (0, None), "H": (0, None), "R": (0, None)},
+    "sp_perlayer": {"E": (0, None), "H": (0.5, 0), "R": (0.5, 0)},
+    "ntk": {"E": (0, None), "H": (0.5, 0), "R": (0.5, 0)},
+    "mfp": {"E": (0, None), "H": (0.5, 0), "R": (0, -0.5)},
+    "mup_everett": {"E": (0, None), "H": (0.5, 0), "R": (0, -0.5)},
+    "mup": {"E": (0, None), "H": (0.5, 0), "R": (0, -0.5)},
+}
+# Muon on H, AdamW (the preset's Adam row) on E, R and V. Muon's orthogonalized update has spectral norm ~1 times
+# torch's "original" (Jordan's) factor sqrt(max(1, fan_out / fan_in)), fixed at a fixed aspect ratio; the spectral
+# condition (Yang, Simon & Bernstein 2023) wants ||dW_eff|| ~ sqrt(fan_out / fan_in), W_eff = m^-a_H W: c_H = -a_H,
+# so width-independent for sp and muP (Muon's own practice: one lr, e.g. 0.02, at every width).
+_MUON = {name: {"H": (-PRESETS[name].H.a, None)}
+         for name in ("sp", "sp_emb", "sp_perlayer", "ntk", "mfp", "mup_everett", "mup")}
+OPTIMIZER_LR: dict[str, dict[str, dict[str, tuple[float, float | None]]]] = {
+    "sgd": _SGD, "adafactor": _ADAFACTOR, "muon": _MUON,
+}
+# The classes whose update has an Adam epsilon (eps m^-g); the others' specs carry none (eps None).
+EPS_CLASSES: dict[str, str] = {"adamw": "EHRV", "adam_atan2": "EHRV", "sgd": "", "adafactor": "", "lion": "",
+                               "muon": "ERV"}
+if set(EPS_CLASSES) != set(CHOICES["optim.name"]):
+    raise ImportError(f"EPS_CLASSES {tuple(EPS_CLASSES)} and the schema's optim.name choices differ")
+if {k: tuple(v) for k, v in OPTIMIZER_LR.items()} != OPTIMIZER_PRESETS:  # the schema rejects the other pairs
+    raise ImportError("OPTIMIZER_LR's presets per optimizer and the schema's OPTIMIZER_PRESETS differ")
 if {n for n, p in PRESETS.items() if p.mup_attention} != set(MUP_FAMILY):  # the schema's init.scheme check uses it
     raise ImportError(f"the schema's MUP_FAMILY {MUP_FAMILY} is not the presets with mup_attention")
 
@@ -87,13 +141,14 @@ class TensorSpec:
     fwd_mult: float     # forward multiplier on this tensor's output
     lr: float           # base (peak) learning rate of this tensor
     weight_decay: float  # decay coefficient as the optimizer applies it (see wd_mode)
-    eps: float          # Adam epsilon
+    eps: float | None   # Adam epsilon (None: the tensor's optimizer has none)
 
     def cells(self, v_init: str = "ones") -> list[str]:
         """The row `hpt params` prints (SPEC_COLUMNS); `v_init` says what a V tensor starts as."""
         std = v_init if self.init_std is None else f"{self.init_std:.4g}"
         return [self.name, "x".join(map(str, self.shape)), self.cls, f"{self.width_mult:g}", std,
-                f"{self.fwd_mult:.4g}", f"{self.lr:.4g}", f"{self.weight_decay:.4g}", f"{self.eps:.3g}"]
+                f"{self.fwd_mult:.4g}", f"{self.lr:.4g}", f"{self.weight_decay:.4g}",
+                "-" if self.eps is None else f"{self.eps:.3g}"]
 
 
 SPEC_COLUMNS = ("tensor", "shape", "class", "m", "init std", "fwd mult", "lr", "weight decay", "eps")
@@ -122,6 +177,7 @@ class Rules:
     alpha: float = 0.0     # depth exponent (0: no depth scaling)
     depth_lr: float = 0.0  # H and in-block V LRs x mL^-depth_lr
     m_depth: float = 1.0   # mL = L / L_base
+    optimizer: str = "adamw"  # optim.name: which classes have an Adam epsilon (EPS_CLASSES); `preset` has its LRs
 
 
 def classify(name: str, shape: tuple[int, ...]) -> str:
@@ -144,10 +200,24 @@ def in_blocks(name: str) -> bool:
     return any(part.isdigit() for part in name.split("."))
 
 
-def resolve_preset(name: str, exponents: Mapping[str, Mapping[str, float | None]] | None = None) -> Preset:
-    """The preset's row with `param.exponents` applied: a set exponent replaces the preset's (a set c
-    serves both alignments), so a user can define a parameterization and check it (`hpt coord-check`)."""
+def for_optimizer(name: str, optimizer: str = "adamw") -> Preset:
+    """Preset `name`'s row for `optimizer`: the Adam row with the optimizer's own LR exponents (OPTIMIZER_LR)."""
     preset = PRESETS[name]
+    if optimizer not in OPTIMIZER_LR:
+        return preset
+    if name not in OPTIMIZER_LR[optimizer]:
+        raise HptError(f"config key 'optim.name': {optimizer} has no published width rule for param={name}: use "
+                       f"param={' | '.join(OPTIMIZER_LR[optimizer])}, or optim=adamw")
+    changes = {cls: replace(getattr(preset, cls), c=c, c_none=c_none)
+               for cls, (c, c_none) in OPTIMIZER_LR[optimizer][name].items()}
+    return replace(preset, **changes)
+
+
+def resolve_preset(name: str, exponents: Mapping[str, Mapping[str, float | None]] | None = None,
+                   optimizer: str = "adamw") -> Preset:
+    """The preset's row for `optimizer` with `param.exponents` applied: a set exponent replaces the preset's (a set
+    c serves both alignments), so a user can define a parameterization and check it (`hpt coord-check`)."""
+    preset = for_optimizer(name, optimizer)
     changes = {}
     for cls in ("E", "H", "R"):
         given = {k: float(v) for k, v in ((exponents or {}).get(cls) or {}).items() if v is not None}
@@ -159,7 +229,8 @@ def resolve_preset(name: str, exponents: Mapping[str, Mapping[str, float | None]
 def preset_of(cfg: DictConfig) -> Preset:
     """The table row `cfg` trains with: its preset and any exponent overrides."""
     exponents = cfg.param.get("exponents")
-    return resolve_preset(cfg.param.name, OmegaConf.to_container(exponents) if exponents is not None else None)
+    return resolve_preset(cfg.param.name, OmegaConf.to_container(exponents) if exponents is not None else None,
+                          cfg.optim.name)
 
 
 def depth_exponent(preset: str, override: float | None = None) -> float:
@@ -209,7 +280,7 @@ def class_lr(preset: Preset, cls: str, *, lr: float, gamma: float, m: float, ali
              m_depth: float, in_blocks: bool) -> float:
     """The learning rate of a tensor of class `cls` under `preset`: eta * gamma_X * m^(-c_X), and for
     H and the gains in blocks x mL^-depth_lr (`depth_lr_exponent`: mL^(alpha - 1) with depth scaling)."""
-    out = lr * gamma * m ** (-lr_exponent(_V if cls == "V" else getattr(preset, cls), alignment))
+    out = lr * gamma * m ** (-lr_exponent(getattr(preset, cls), alignment))
     if cls == "H" or (cls == "V" and in_blocks):
         out *= m_depth ** (-depth_lr)
     return out
@@ -236,6 +307,7 @@ def rules_of(cfg: DictConfig) -> Rules:
         wd_on_embeddings=o.wd_on_embeddings, constant_init=cfg.init.scheme == "constant", lr_mult=dict(p.lr_mult),
         init_mult=dict(p.init_mult), out_mult=dict(p.out_mult), alpha=alpha,
         depth_lr=depth_lr_exponent(alpha, _depth_override(cfg, "lr")), m_depth=cfg.model.n_layers / p.base_depth,
+        optimizer=o.name,
     )
 
 
@@ -246,7 +318,7 @@ def tensor_spec(rules: Rules, name: str, cls: str, shape: tuple[int, ...], base:
     `width_dim`: the dimension along which an embedding (E) grows."""
     preset = rules.preset
     if cls == "V":
-        abc, m = _V, 1.0
+        abc, m = preset.V, 1.0
     else:
         abc = getattr(preset, cls)
         # Weights are (out, in): dim 1 is the fan-in of H and R, and an embedding's width is its last dim
@@ -254,15 +326,19 @@ def tensor_spec(rules: Rules, name: str, cls: str, shape: tuple[int, ...], base:
         dim = width_dim if cls == "E" else 1
         m = shape[dim] / base[dim]
     b = 0.0 if rules.constant_init else abc.b
-    lr = class_lr(preset, cls, lr=rules.lr, gamma=rules.lr_mult.get(cls, 1.0), m=m, alignment=rules.alignment,
+    m_lr = shape[0] / base[0] if cls == "V" else m  # a vector's LR rule (SGD's) is stated against its length
+    lr = class_lr(preset, cls, lr=rules.lr, gamma=rules.lr_mult.get(cls, 1.0), m=m_lr, alignment=rules.alignment,
                   depth_lr=rules.depth_lr, m_depth=rules.m_depth, in_blocks=blocks)
-    if not rules.per_layer_eps:
+    eps: float | None
+    if cls not in EPS_CLASSES[rules.optimizer]:
+        eps = None
+    elif not rules.per_layer_eps:
         eps = rules.eps
     elif cls == "V":  # gains: H's width exponent on the width ratio (CompleteP's reference, docs/science.md#depth)
         eps = rules.eps * (shape[0] / base[0]) ** (-preset.H.g)
     else:
         eps = rules.eps * m ** (-abc.g)
-    if rules.alpha > 0 and rules.per_layer_eps and (cls == "H" or (cls == "V" and blocks)):
+    if eps is not None and rules.alpha > 0 and rules.per_layer_eps and (cls == "H" or (cls == "V" and blocks)):
         eps *= rules.m_depth ** (-rules.alpha)
     if cls == "V":
         init_std = None
