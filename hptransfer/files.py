@@ -268,6 +268,27 @@ def arrow_table(rows: list[dict[str, Any]], schema: "pa.Schema | None" = None) -
         return pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in columns})
 
 
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content; None when it is missing, unreadable or half-written (being replaced)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def write_figure(fig: Any, path: Path, dpi: int = 130) -> None:
+    """A matplotlib figure as a PNG, rendered in memory and written atomically (a reader never sees half a
+    PNG, the file gets the umask's mode, a full disk is one line); the figure is closed either way."""
+    import matplotlib.pyplot as plt  # here: only a figure's writer needs matplotlib, and it is slow to import
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
 def exit_process(code: int) -> None:
     """End this process now, its output flushed, without the interpreter's teardown: DDP keeps the gloo
     group's threads alive after destroy_process_group, and one releasing its last work's tensor during the

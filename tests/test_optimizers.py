@@ -11,10 +11,11 @@ import torch
 from hptransfer.config.compose import compose_run
 from hptransfer.config.schema import OPTIMIZER_PRESETS
 from hptransfer.train.coord import coord_check
-from hptransfer.train.model import GPT, build, dims_of, param_specs
+from hptransfer.train.model import build, param_specs
 from hptransfer.train.optim import SGDW, Lion, MuonAdamW, build_optimizer
 from hptransfer.train.param import EPS_CLASSES, OPTIMIZER_LR, PRESETS, for_optimizer
 from tests.conftest import TINY, assert_one_line_error, cli
+from tests.test_param import built_with_mup
 
 BASE = ["param.base_width=64", "param.base_depth=2", "model.head_dim=16"]
 
@@ -74,20 +75,7 @@ def test_mup_sgd_matches_microsoft_musgd(mult):
     lam, sigma, lr = 0.1, 0.02, 0.1
     cfg = compose_run(["param=mup", "optim=sgd", f"optim.lr={lr}", f"model.width={64 * mult}", "model.n_layers=2",
                        f"optim.weight_decay={lam}", "optim.wd_mode=scaled", "model.pos=learned", *BASE])
-    torch.manual_seed(123)
-    ours, specs = build(cfg)
-    base, delta = GPT(dims_of(cfg, width=64)), GPT(dims_of(cfg, width=128))
-    torch.manual_seed(123)
-    theirs = GPT(dims_of(cfg))
-    mup.set_base_shapes(theirs, base, delta=delta, rescale_params=False)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                mup.init.normal_(p, std=sigma)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    ours, specs, theirs = built_with_mup(mup, cfg, sigma)
 
     opt = mup.MuSGD(theirs.parameters(), lr=lr, weight_decay=lam, momentum=0.9)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}

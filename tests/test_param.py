@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +133,26 @@ def test_weight_decay_modes():
 
 # --- microsoft/mup as an oracle -------------------------------------------------------------------------
 
+def built_with_mup(mup: Any, cfg: Any, sigma: float) -> tuple[GPT, dict, GPT]:
+    """Our model of `cfg` and microsoft/mup's twin (base width 64, delta 128, mup's init), both from seed 123;
+    their initial weights asserted bit-identical. Returns (ours, our specs, theirs)."""
+    torch.manual_seed(123)
+    ours, specs = build(cfg)
+    base, delta = GPT(dims_of(cfg, width=64)), GPT(dims_of(cfg, width=128))
+    torch.manual_seed(123)
+    theirs = GPT(dims_of(cfg))  # same constructor, same RNG use, then mup's init below
+    mup.set_base_shapes(theirs, base, delta=delta, rescale_params=False)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                mup.init.normal_(p, std=sigma)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    return ours, specs, theirs
+
+
 @pytest.mark.parametrize("mult", [2, 4])
 def test_mup_matches_microsoft_mup(mult):
     """LR, weight decay (scaled mode = MuAdamW's coupled lam*m) and init equal what microsoft/mup gives.
@@ -144,22 +165,7 @@ def test_mup_matches_microsoft_mup(mult):
     overrides = ["param=mup", f"model.width={64 * mult}", "model.n_layers=2", "optim.weight_decay=0.1",
                  "optim.wd_mode=scaled", *BASE]
     cfg = compose_run(overrides)
-    torch.manual_seed(123)
-    ours, specs = build(cfg)
-
-    base = GPT(dims_of(cfg, width=64))
-    delta = GPT(dims_of(cfg, width=128))
-    torch.manual_seed(123)
-    theirs = GPT(dims_of(cfg))  # same constructor, same RNG use, then mup's init below
-    mup.set_base_shapes(theirs, base, delta=delta, rescale_params=False)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                mup.init.normal_(p, std=sigma)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    ours, specs, theirs = built_with_mup(mup, cfg, sigma)
 
     opt = mup.MuAdamW(theirs.parameters(), lr=cfg.optim.lr, weight_decay=lam)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}

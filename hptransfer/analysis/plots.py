@@ -11,7 +11,6 @@
 - `best_loss_vs_scale_<axis>.png`: the best loss against scale with the fitted L(s).
 """
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, MultipleLocator  # noq
 from hptransfer.analysis.analyze import GroupResult  # noqa: E402
 from hptransfer.analysis.laws import LossLaw  # noqa: E402
 from hptransfer.analysis.summary import fmt_scale  # noqa: E402
-from hptransfer.files import write_atomic  # noqa: E402
+from hptransfer.files import write_figure  # noqa: E402
 
 PANEL = (4.6, 3.6)  # inches per panel
 MIN_SPAN_LOG2 = 2.0  # the optimum's axis spans at least this many octaves around the data
@@ -47,12 +46,7 @@ def plot_all(results: list[GroupResult], metric: str, out: Path) -> list[Path]:
 def _save(fig: Figure, path: Path) -> Path:
     """Rendered in memory, then written atomically: a reader never sees half a PNG, the file gets the
     umask's mode, and a full disk is one line (files.DiskFull) with no temp file left behind."""
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_figure(fig, path)
     return path
 
 

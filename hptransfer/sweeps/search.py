@@ -29,7 +29,6 @@ found by their content-hashed ids, so a finished run is never run again (docs/de
 
 import dataclasses
 import fcntl
-import io
 import json
 import math
 import re
@@ -50,7 +49,7 @@ from hptransfer.config.compose import compose_file, compose_user_file
 from hptransfer.config.derived import SEED_KEY, flatten
 from hptransfer.config.schema import typed_value, unknown_key_message
 from hptransfer.errors import HptError
-from hptransfer.files import append_lines, json_lines, write_atomic, write_json_atomic
+from hptransfer.files import append_lines, json_lines, read_json, write_atomic, write_figure, write_json_atomic
 from hptransfer.sweeps import launch
 from hptransfer.sweeps.backends.base import now
 from hptransfer.sweeps.plan import Dim, Run, SweepSpec, expand
@@ -623,18 +622,7 @@ def summary(folder: SweepFolder) -> dict[str, Any]:
         rows.append({"generation": g["generation"], "trials": len(g["trials"]), "failed": len(g["trials"]) - len(ok),
                      "best": best, "best_so_far": best_so_far})
     best = best_trial(logged)
-    transfer = None
-    if (folder.path / TRANSFER_FILE).exists():
-        try:
-            transfer = json.loads((folder.path / TRANSFER_FILE).read_text())
-        except (OSError, ValueError):
-            transfer = None
-    definition = None
-    if (folder.path / SEARCH_FILE).exists():
-        try:
-            definition = json.loads((folder.path / SEARCH_FILE).read_text())
-        except (OSError, ValueError):
-            definition = None
+    transfer, definition = read_json(folder.path / TRANSFER_FILE), read_json(folder.path / SEARCH_FILE)
     return {"name": folder.name, "path": str(folder.path), "generations": rows, "best": best,
             "definition": definition, "transfer": transfer,
             "sensitivities": sensitivities(logged, definition["space"]) if definition else {}}
@@ -743,12 +731,7 @@ def _plot(s: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("objective")
     ax.set_title(f"search '{s['name']}'")
     ax.legend()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_figure(fig, path, dpi=110)
 
 
 def launcher_of(spec: SearchSpec) -> Any:

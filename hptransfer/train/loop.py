@@ -37,6 +37,7 @@ from hptransfer.files import (
     append_lines,
     disk_full,
     exit_process,
+    read_json,
     signals_deferred,
     write_atomic,
     write_json_atomic,
@@ -123,7 +124,7 @@ def _failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, sweep: st
             print(f"hpt: rank {world.rank}: {error}", file=sys.stderr, flush=True)
     else:
         peers = [(int(f.stem.removeprefix("heartbeat-rank")), hb["error"]) for f in run_dir.glob("heartbeat-rank*.json")
-                 if (hb := _read_json(f)) and hb.get("error")]
+                 if (hb := read_json(f)) and hb.get("error")]
         error = "".join(f"rank {r}: {e}\n" for r, e in sorted(peers)) + (f"rank 0: {error}" if peers else error)
     result = {
         "run_id": run_id(cfg) if cfg is not None else run_dir.name,
@@ -138,13 +139,6 @@ def _failed(run_dir: Path, cfg: DictConfig | None, err: BaseException, sweep: st
     if world.is_main:
         write_json_atomic(run_dir / "result.json", result)
     return result
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):  # gone, or being replaced
-        return None
 
 
 def _heartbeat(run_dir: Path, world: World, step: int | None, **extra: str) -> None:
@@ -222,7 +216,7 @@ def train_local(cfg: DictConfig, run_dir: Path, nproc: int, *, progress: bool = 
     if not (frozen := run_dir / "config.yaml").exists():
         write_atomic(frozen, to_yaml(cfg))
     code = launch(nproc, ["-m", "hptransfer.train.loop", str(run_dir), *(["--progress"] if progress else [])])
-    if (result := _read_json(run_dir / "result.json")) is not None:
+    if (result := read_json(run_dir / "result.json")) is not None:
         return result
     return {"run_id": run_id(cfg), "status": "failed",
             "error": f"the {nproc} training processes ended with exit code {code} and no result (their output is "
