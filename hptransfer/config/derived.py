@@ -132,3 +132,41 @@ class _Section:
 
     def __init__(self, d: dict[str, Any]):
         self.__dict__.update(d)
+
+
+# What runs of one fused group may differ in (docs/design.md#fused-and-packed-tasks): scalars that reach only a copy's own
+# init, optimizer and stopping; every other key (shapes, data, steps, logging, forward multipliers) is shared.
+PER_COPY_KEYS = {
+    "optim": None,  # every optimizer setting, the optimizer itself
+    "init": None,
+    "scaling": None,  # the batch and duration rules change optimizer settings only
+    "train": ("seed", "diverge_factor"),
+    "param": ("lr_mult", "init_mult", "zero_query", "zero_readout", "alignment"),
+}
+
+
+def fusion_key(cfg: Mapping[str, Any]) -> str | None:
+    """Runs with the same key can train as copies of one batched model; None: never fused (the user's own
+    code, or a run of several processes)."""
+    if "run" in cfg or cfg["train"].get("parallel", "none") != "none":
+        return None
+    shared: dict[str, Any] = {}
+    for section, value in cfg.items():
+        per_copy = PER_COPY_KEYS.get(section, ())
+        if per_copy is None:
+            continue
+        shared[section] = {k: v for k, v in value.items() if k not in per_copy} if isinstance(value, Mapping) \
+            else value
+    return repr(sorted(flatten(shared).items()))
+
+
+def fused_bytes(cfg: Mapping[str, Any]) -> int:
+    """An estimate of the memory one copy of a fused group takes: weights, gradients and two optimizer moments
+    (4 x parameters) and the activations a step keeps for its backward (per token and layer ~20 x width plus
+    4 x d_ff; the logits 4 x vocab), in the parameters' width (8 bytes for float64, else 4)."""
+    m, t = cfg["model"], cfg["train"]
+    total, _ = param_counts(m, cfg["data"]["vocab_size"])
+    tokens = t["batch_size"] * t["seq_len"] // max(1, t.get("grad_accum", 1))
+    d_ff = round(m["mlp_ratio"] * m["width"])
+    per_token = m["n_layers"] * (20 * m["width"] + 4 * d_ff) + 4 * cfg["data"]["vocab_size"]
+    return (8 if t.get("dtype") == "float64" else 4) * (4 * total + tokens * per_token)

@@ -19,16 +19,17 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import hptransfer
-from hptransfer.config.derived import FLOPS_FORMULA, steps_of, train_flops
+from hptransfer.config.derived import FLOPS_FORMULA, fusion_key, steps_of, train_flops
 from hptransfer.config.frozen import load_yaml, run_id, to_yaml
 from hptransfer.config.schema import check_processes
 from hptransfer.errors import HptError
@@ -223,82 +224,241 @@ def train_local(cfg: DictConfig, run_dir: Path, nproc: int, *, progress: bool = 
                      f"above): the same command resumes from the last checkpoint"}
 
 
-def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, world: World,
-           tracked: Trackers, *, progress: bool, sweep: str | None) -> dict[str, Any]:
-    t_start = time.time()
-    eff, effective = apply_rules(cfg)
-    s = setup(eff, device, world=world)
-    model = s.model
-    total = steps_of(cfg.train)
-    state = _load_checkpoint(run_dir, s)  # resume after requeue: same model, optimizer, and step
-    step0, losses, initial, vals = state.step, state.losses, state.initial, state.vals
-    metrics = run_dir / "metrics.jsonl"
+@dataclass
+class Member:
+    """One run of a training loop, alone or in a fused group: its configs, folder, batches, trackers, model and
+    optimizer (`s`), and where it is."""
+
+    cfg: DictConfig
+    eff: DictConfig  # the config training uses (after the batch and duration rules)
+    effective: dict[str, Any]  # result.json's record of those rules
+    run_dir: Path
+    rid: str
+    sweep: str | None
+    batches: Batches
+    tracked: Trackers
+    s: Setup
+    state: LoopState = field(default_factory=LoopState)
+    step0: int = 0  # the step it resumed from
+    last_ckpt: int = 0
+    pending: list[torch.Tensor] = field(default_factory=list)  # losses still on the device: read at log steps
+    new_vals: list[tuple[int, float | None]] = field(default_factory=list)
+    status: str = "completed"
+    diverged_at: int | None = None
+    steps_done: int = 0
+    stopped: bool = False  # diverged: trains no further
+    t_start: float = field(default_factory=time.time)
+
+    def live(self, step: int) -> bool:
+        return not self.stopped and step >= self.step0
+
+
+Stepper = Callable[[int, list[bool]], list[torch.Tensor]]  # (step, live per member) -> each member's loss
+Evaluator = Callable[[int], list[float]]  # n batches -> each member's validation loss
+
+
+def _member(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, tracked: Trackers, sweep: str | None,
+            eff: DictConfig, effective: dict[str, Any], s: Setup) -> Member:
+    """A run ready for the loop: resumed from its checkpoint, its curve on disk cut to that step, trackers open."""
+    m = Member(cfg, eff, effective, run_dir, rid, sweep, batches, tracked, s, t_start=time.time())
+    m.state = _load_checkpoint(run_dir, s)  # resume after requeue: same model, optimizer, and step
+    m.step0 = m.last_ckpt = m.state.step
+    world = s.world
     if world.is_main:
         # The loss curve on disk holds exactly the steps before step0 (a killed attempt may have logged more).
-        write_atomic(metrics, _metric_lines(0, losses, vals))
-        tracked.start(run_dir, cfg, rid, sweep, step0)
-    _heartbeat(run_dir, world, step0)  # a rank's report of a killed attempt's error is gone
-    eval_every, new_vals = cfg.train.eval_every, []
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    pending: list[torch.Tensor] = []  # losses still on the device: read back only at log steps
-    status, diverged_at = "completed", None
-    t_train = time.time()
-    bar = _progress(progress and world.is_main)
-    step, last_ckpt = step0, step0
-    with bar or nullcontext():
-        task = bar.add_task("train", total=total, completed=step0, loss=float("nan"), tps=0.0) if bar else None
-        for step in range(step0, total):
-            set_lr(s.opt, factor := lr_factor(step, total, eff))
-            pending.append(train_step(s, *batches.train_batch(step, s.device, s.rows)))
-            last = step == total - 1
-            if eval_every and (step + 1) % eval_every == 0 and not last:  # the last step's is the final evaluation
-                new_vals.append((step + 1, _finite_or_none(evaluate(s, batches, cfg.train.eval_batches))))
-            if (step + 1) % cfg.train.log_every and not last:
+        write_atomic(run_dir / "metrics.jsonl", _metric_lines(0, m.state.losses, m.state.vals))
+        tracked.start(run_dir, cfg, rid, sweep, m.step0)
+    _heartbeat(run_dir, world, m.step0)  # a rank's report of a killed attempt's error is gone
+    return m
+
+
+def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, Any]]:
+    """A fused job: train the frozen configs of these run folders of `sweep` as one batched model
+    (train/fused.py), each into its folder exactly as `train_folder` would; returns their results, in order.
+    Never raises for a bad run.
+
+    A finished run is not trained again; a run whose config or data is bad gets its failed result alone;
+    the rest train in groups of one `fused.structure` (a run alone in its group trains unfused). A crash in a
+    group's training is every member's failed result; a full disk stops the job (DISK_FULL_EXIT), to resume later.
+    """
+    from hptransfer.train.fused import structure  # here: what only a fused job needs
+
+    results: dict[Path, dict[str, Any]] = {}
+    ready: dict[tuple, list[tuple[Path, DictConfig, Batches, torch.device]]] = {}
+    for run_dir in map(Path, run_dirs):
+        try:
+            cfg = load_yaml(run_dir / "config.yaml")
+            if (cached := _cached(cfg, run_dir)) is not None:
+                results[run_dir] = cached
                 continue
-            new = global_mean(torch.stack(pending).double(), world).tolist()  # every rank: the same global losses
-            first = step + 1 - len(new)
-            pending.clear()
-            losses.extend(new)
-            initial = new[0] if initial is None else initial
-            bad = [i for i, v in enumerate(new) if not math.isfinite(v) or v > cfg.train.diverge_factor * initial]
-            if bad:  # a diverged run's evaluations stop before its diverged step
-                new_vals = [(at, v) for at, v in new_vals if at < first + bad[0]]
-            vals.extend(new_vals)
-            elapsed = time.time() - t_train
-            tps = (step + 1 - step0) * tokens_per_step / max(elapsed, 1e-9)
-            if world.is_main:
-                append_lines(metrics, _metric_lines(first, new, new_vals))  # on a fresh line, whole lines or none
-                if tracked:
-                    tracked.log([*((first + i, {"train/loss": v}) for i, v in enumerate(new)),
-                                 (step, {"train/lr": eff.optim.lr * factor, "train/tokens_per_s": tps}),
-                                 *((at, {"val/loss": v}) for at, v in new_vals)])
-            new_vals = []
-            _heartbeat(run_dir, world, step + 1)
-            if bar:
-                bar.update(task, completed=step + 1, loss=new[-1], tps=tps)
-            if bad:
-                status, diverged_at = "diverged", first + bad[0]
+            batches, device = _checked(cfg, 1, scan_tokens=False)
+        except HptError as err:
+            results[run_dir] = _failed(run_dir, None, err, sweep, SINGLE)
+            continue
+        eff, _ = apply_rules(cfg)
+        key = (structure(eff), fusion_key(OmegaConf.to_container(cfg)), str(device))
+        ready.setdefault(key, []).append((run_dir, cfg, batches, device))
+    try:
+        for group in ready.values():
+            if len(group) == 1:
+                run_dir, cfg, _, _ = group[0]
+                results[run_dir] = train(cfg, run_dir, progress=False, sweep=sweep, raise_bad_input=False)
+            else:
+                results.update(_train_fused(group, sweep))
+    except Exception as err:  # a full disk is no result: the job exits DISK_FULL_EXIT, to be resumed later
+        if not disk_full(err):
+            raise
+        with suppress(OSError):
+            print(f"hpt: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(DISK_FULL_EXIT) from None
+    return [results[Path(d)] for d in run_dirs]
+
+
+def _train_fused(group: list[tuple[Path, DictConfig, Batches, torch.device]], sweep: str | None
+                 ) -> dict[Path, dict[str, Any]]:
+    """Train one fused group (configs of one structure and fusion key, checked) into its members' folders."""
+    from hptransfer.train.fused import fuse, fused_evaluate, fused_step  # here: what only a fused job needs
+
+    device = group[0][3]
+    tracked = [Trackers.from_env(strict=False) for _ in group]
+    members: list[Member] = []
+    results: dict[Path, dict[str, Any]] = {}
+    try:
+        for run_dir, cfg, _, _ in group:
+            if not (frozen := run_dir / "config.yaml").exists():
+                write_atomic(frozen, to_yaml(cfg))
+        rules = [apply_rules(cfg) for _, cfg, _, _ in group]
+        g = fuse([eff for eff, _ in rules], device)
+        members = [_member(cfg, run_dir, run_id(cfg), batches, tr, sweep, eff, effective, s)
+                   for (run_dir, cfg, batches, _), (eff, effective), tr, s in zip(group, rules, tracked, g.setups,
+                                                                                  strict=True)]
+
+        def step_fn(step: int, live: list[bool]) -> list[torch.Tensor]:
+            xy = [m.batches.train_batch(step, device) for m in members]
+            return list(fused_step(g, torch.stack([x for x, _ in xy]), torch.stack([y for _, y in xy]), live))
+
+        val_batches = members[0].batches  # the validation batches are every run's
+        train_s = _loop(members, step_fn, lambda n: fused_evaluate(g, val_batches, n), SINGLE, progress=False)
+        vals = fused_evaluate(g, val_batches, group[0][1].train.val_batches)
+        for m, val in zip(members, vals, strict=True):
+            results[m.run_dir] = _finish(m, val if m.status == "completed" else None, train_s, SINGLE,
+                                         fused=len(members))
+    except Exception as err:  # a crash in training is a result, with its traceback: every member's
+        if disk_full(err):  # but a full disk is not the runs' fault: no result, they resume later
+            raise
+        for run_dir, cfg, _, _ in group:
+            if run_dir not in results:
+                results[run_dir] = _failed(run_dir, cfg, err, sweep, SINGLE)
+    finally:
+        for tr, (run_dir, _, _, _) in zip(tracked, group, strict=True):
+            tr.close(results[run_dir]["status"] if run_dir in results else None)
+    return results
+
+
+def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: torch.device, world: World,
+           tracked: Trackers, *, progress: bool, sweep: str | None) -> dict[str, Any]:
+    eff, effective = apply_rules(cfg)
+    m = _member(cfg, run_dir, rid, batches, tracked, sweep, eff, effective, setup(eff, device, world=world))
+    s = m.s
+
+    def step_fn(step: int, live: list[bool]) -> list[torch.Tensor]:
+        return [train_step(s, *batches.train_batch(step, s.device, s.rows))]
+
+    train_s = _loop([m], step_fn, lambda n: [evaluate(s, batches, n)], world, progress=progress and world.is_main)
+    val = evaluate(s, batches, cfg.train.val_batches) if m.status == "completed" else None
+    return broadcast(_finish(m, val, train_s, world), world)  # rank 0's, with its timings and host
+
+
+def _loop(members: list[Member], step_fn: Stepper, eval_fn: Evaluator, world: World, *, progress: bool) -> float:
+    """Train the members (one run, or a fused group's: the same steps, batch and logging) to the end, each
+    stopping alone where it diverges; returns the seconds the loop took. Losses are read back, checked for
+    divergence, logged and checkpointed at log steps only."""
+    t = members[0].cfg.train
+    total = steps_of(t)
+    t_train = time.time()
+    bar = _progress(progress and len(members) == 1)
+    step = start = min(m.step0 for m in members)
+    with bar or nullcontext():
+        task = bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0) if bar else None
+        for step in range(start, total):
+            live = [m.live(step) for m in members]
+            for m, on in zip(members, live, strict=True):
+                if on:
+                    set_lr(m.s.opt, lr_factor(step, total, m.eff))
+            for m, on, loss in zip(members, live, step_fn(step, live), strict=True):
+                if on:
+                    m.pending.append(loss)
+            last = step == total - 1
+            if t.eval_every and (step + 1) % t.eval_every == 0 and not last:  # the last step's: the final evaluation
+                for m, on, v in zip(members, live, eval_fn(t.eval_batches), strict=True):
+                    if on:
+                        m.new_vals.append((step + 1, _finite_or_none(v)))
+            if (step + 1) % t.log_every and not last:
+                continue
+            for m, on in zip(members, live, strict=True):
+                if on:
+                    _log_step(m, step, world, time.time() - t_train, last, bar, task)
+            if all(m.stopped for m in members):
                 break
-            every = cfg.train.checkpoint_every
-            if every and step + 1 - last_ckpt >= every and not last:  # only at log steps: losses are complete
-                _save_checkpoint(run_dir, s, LoopState(step + 1, losses, initial, clipped_steps(s) or 0, vals))
-                last_ckpt = step + 1
-    steps_done = step + 1
-    train_s = time.time() - t_train
-    clipped = clipped_steps(s)
-    val = evaluate(s, batches, cfg.train.val_batches) if status == "completed" else None
-    window = losses[: len(losses) if diverged_at is None else diverged_at][-cfg.train.final_window :]
+    for m in members:
+        m.steps_done = m.steps_done or step + 1
+    return time.time() - t_train
+
+
+def _log_step(m: Member, step: int, world: World, elapsed: float, last: bool, bar: Any, task: Any) -> None:
+    """A log step of one member: its losses since the last one read back (every rank: the same global losses),
+    checked for divergence, appended to metrics.jsonl and the trackers; its heartbeat and checkpoint."""
+    t, st = m.cfg.train, m.state
+    new = global_mean(torch.stack(m.pending).double(), world).tolist()
+    first = step + 1 - len(new)
+    m.pending.clear()
+    st.losses.extend(new)
+    st.initial = new[0] if st.initial is None else st.initial
+    bad = [i for i, v in enumerate(new) if not math.isfinite(v) or v > t.diverge_factor * st.initial]
+    if bad:  # a diverged run's evaluations stop before its diverged step
+        m.new_vals = [(at, v) for at, v in m.new_vals if at < first + bad[0]]
+    st.vals.extend(m.new_vals)
+    tps = (step + 1 - m.step0) * t.batch_size * t.seq_len / max(elapsed, 1e-9)
+    if world.is_main:
+        append_lines(m.run_dir / "metrics.jsonl", _metric_lines(first, new, m.new_vals))  # whole lines or none
+        if m.tracked:
+            factor = lr_factor(step, steps_of(t), m.eff)
+            m.tracked.log([*((first + i, {"train/loss": v}) for i, v in enumerate(new)),
+                           (step, {"train/lr": m.eff.optim.lr * factor, "train/tokens_per_s": tps}),
+                           *((at, {"val/loss": v}) for at, v in m.new_vals)])
+    m.new_vals = []
+    _heartbeat(m.run_dir, world, step + 1)
+    if bar:
+        bar.update(task, completed=step + 1, loss=new[-1], tps=tps)
+    if bad:
+        m.status, m.diverged_at, m.stopped, m.steps_done = "diverged", first + bad[0], True, step + 1
+        return
+    every = t.checkpoint_every
+    if every and step + 1 - m.last_ckpt >= every and not last:  # only at log steps: losses are complete
+        st.step, st.clipped = step + 1, clipped_steps(m.s) or 0
+        _save_checkpoint(m.run_dir, m.s, st)
+        m.last_ckpt = step + 1
+
+
+def _finish(m: Member, val: float | None, train_s: float, world: World, **env: Any) -> dict[str, Any]:
+    """The member's result record, written to result.json with the final evaluation (rank 0); its checkpoint
+    is removed."""
+    cfg, s, st = m.cfg, m.s, m.state
+    window = st.losses[: len(st.losses) if m.diverged_at is None else m.diverged_at][-cfg.train.final_window :]
+    model = s.model
     n_params = sum(p.numel() for p in model.parameters())  # a DTensor counts its global size
     n_emb = sum(p.numel() for n, p in model.named_parameters() if s.specs[n].cls == "E")
-    tokens = steps_done * tokens_per_step
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    tokens = m.steps_done * tokens_per_step
+    clipped = clipped_steps(s)
     d = model.dims
     result = {
-        "run_id": rid,
-        "sweep": sweep,
-        "status": status,
+        "run_id": m.rid,
+        "sweep": m.sweep,
+        "status": m.status,
         "final_train_loss": _finite_or_none(sum(window) / len(window)) if window else None,
         "final_val_loss": _finite_or_none(val),
-        "steps": steps_done,
+        "steps": m.steps_done,
         "tokens": tokens,
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.train.seq_len,
@@ -306,22 +466,23 @@ def _train(cfg: DictConfig, run_dir: Path, rid: str, batches: Batches, device: t
         "n_params_non_embedding": n_params - n_emb,
         "flops": train_flops(n_params - n_emb, d.n_layers, d.width, cfg.train.seq_len, tokens),
         "flops_formula": FLOPS_FORMULA,
-        "wall_s": time.time() - t_start,
-        "tokens_per_s": (steps_done - step0) * tokens_per_step / max(train_s, 1e-9),
-        "diverged_at_step": diverged_at,
-        "clip_fraction": None if clipped is None else clipped / steps_done,
-        "initial_loss": _finite_or_none(initial),
-        "effective": effective,
-        "env": environment(s.device, world.world_size),
+        "wall_s": time.time() - m.t_start,
+        "tokens_per_s": (m.steps_done - m.step0) * tokens_per_step / max(train_s, 1e-9),
+        "diverged_at_step": m.diverged_at,
+        "clip_fraction": None if clipped is None else clipped / m.steps_done,
+        "initial_loss": _finite_or_none(st.initial),
+        "effective": m.effective,
+        "env": {**environment(s.device, world.world_size), **env},
     }
     if world.is_main:
         if val is not None:
-            append_lines(metrics, json.dumps({"step": steps_done, "val_loss": result["final_val_loss"]}) + "\n")
-            tracked.log([(steps_done, {"val/loss": result["final_val_loss"]})])
-        write_json_atomic(run_dir / "result.json", result)
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-        shutil.rmtree(run_dir / SHARDED, ignore_errors=True)
-    return broadcast(result, world)  # rank 0's, with its timings and host
+            append_lines(m.run_dir / "metrics.jsonl",
+                         json.dumps({"step": m.steps_done, "val_loss": result["final_val_loss"]}) + "\n")
+            m.tracked.log([(m.steps_done, {"val/loss": result["final_val_loss"]})])
+        write_json_atomic(m.run_dir / "result.json", result)
+        (m.run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        shutil.rmtree(m.run_dir / SHARDED, ignore_errors=True)
+    return result
 
 
 def _save_checkpoint(run_dir: Path, s: Setup, state: LoopState) -> None:
@@ -335,12 +496,19 @@ def _save_checkpoint(run_dir: Path, s: Setup, state: LoopState) -> None:
     tmp = path.with_suffix(".tmp")
     try:  # through a Python file: a full disk then surfaces as the OSError behind torch's RuntimeError
         with signals_deferred(), open(tmp, "wb") as f:
-            torch.save({"model": s.model.state_dict(), "opt": s.opt.state_dict(), **asdict(state)}, f)
+            torch.save({"model": _owned(s.model.state_dict()), "opt": s.opt.state_dict(), **asdict(state)}, f)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # no half checkpoint left behind
         raise
     shutil.rmtree(run_dir / SHARDED, ignore_errors=True)  # a sharded one this run resumed from is older now
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor with a storage of its own: torch.save writes a view's whole storage (a fused copy's weights
+    are views of the group's stack: a checkpoint would hold every copy's)."""
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+            for k, v in tensors.items()}
 
 
 def _load_checkpoint(run_dir: Path, s: Setup) -> LoopState:

@@ -4,6 +4,10 @@ The model knows nothing about parameterizations. It takes plain-float forward
 multipliers per tensor, a residual-branch multiplier and an attention scale;
 `build` asks the table in param.py for those and for each tensor's init.
 Shapes: B batch, T time, C width, H heads, K kv heads, D head size, V vocab.
+
+A fused group of runs (train/fused.py) is the same model with every weight stacked: N copies along a
+leading dimension, (N, *shape), and tokens (N, B, T): each copy sees its own rows, so the layers
+below take any leading dimensions `*` before (T, C) and batch the N copies' matmuls as one.
 """
 
 import math
@@ -44,6 +48,11 @@ def dims_of(cfg: DictConfig, width: int | None = None, n_layers: int | None = No
     )
 
 
+def per_copy(w: torch.Tensor, x: torch.Tensor, dims: int) -> torch.Tensor:
+    """A weight of `dims` dims as it broadcasts against x: as it is, or stacked (N, *shape) as (N, 1.., *shape)."""
+    return w if w.dim() == dims else w.view(w.shape[0], *[1] * (x.dim() - dims - 1), *w.shape[1:])
+
+
 class Linear(nn.Module):
     """Bias-free linear map y = mult * x W^T; `mult` is a constant, so torch.compile folds it."""
 
@@ -53,8 +62,23 @@ class Linear(nn.Module):
         self.mult = float(mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        w = self.weight
+        if w.dim() == 2:
+            y = F.linear(x, w)
+        else:  # stacked (N, out, in), x (N, *, in): one batched matmul over the copies
+            y = torch.bmm(x.flatten(1, -2), w.mT).view(*x.shape[:-1], w.shape[1])
         return y if self.mult == 1.0 else y * self.mult
+
+
+class Embedding(nn.Embedding):
+    """A table's rows (V, C) for idx (B, T); stacked, (N, V, C) for idx (N, B, T): copy n's rows of its own table."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dim() == 2:
+            return F.embedding(idx, w)
+        offsets = torch.arange(w.shape[0], device=idx.device).view(-1, *[1] * (idx.dim() - 1)) * w.shape[1]
+        return F.embedding(idx + offsets, w.flatten(0, 1))  # one lookup in the N tables laid end to end
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +88,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return x if self.weight is None else x * self.weight
+        return x if self.weight is None else x * per_copy(self.weight, x, 1)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,16 +114,16 @@ class Attention(nn.Module):
         self.o = Linear(d.n_heads * d.head_dim, d.width, mults.get("o", 1.0))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
-        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
+        *lead, T, _ = x.shape  # lead: (B,), or (N, B) in a fused group: attention sees B x N sequences
+        q = self.q(x).reshape(-1, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).reshape(-1, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
+        v = self.v(x).reshape(-1, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_head
         )  # (B, H, T, D)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o(y.transpose(1, 2).reshape(*lead, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -137,8 +161,8 @@ class GPT(nn.Module):
         super().__init__()
         mults = mults or {}
         self.dims = d
-        self.tok_emb = nn.Embedding(d.vocab, d.width)
-        self.pos_emb = nn.Embedding(d.max_seq_len, d.width) if d.pos == "learned" else None
+        self.tok_emb = Embedding(d.vocab, d.width)
+        self.pos_emb = Embedding(d.max_seq_len, d.width) if d.pos == "learned" else None
         self.emb_mult = mults.get("tok_emb", 1.0)
         self.pos_mult = mults.get("pos_emb", 1.0)
         scale = 1.0 / math.sqrt(d.head_dim) if attn_scale is None else attn_scale
@@ -155,11 +179,11 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, V)."""
-        T = idx.shape[1]
-        x = self.tok_emb(idx) * self.emb_mult                             # (B, T, C)
+        """idx: (B, T) token ids -> logits (B, T, V); fused, (N, B, T) -> (N, B, T, V)."""
+        T = idx.shape[-1]
+        x = self.tok_emb(idx) * self.emb_mult               # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[:T] * self.pos_mult
+            x = x + per_copy(self.pos_emb.weight[..., :T, :], x, 2) * self.pos_mult
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.dims.pos == "rope" else None
         for block in self.blocks:
             x = block(x, rope)

@@ -64,6 +64,15 @@ class Setup:
     wrapper: nn.Module | None = None  # DDP of the model, or the FSDP2 model, whose gradients sync across ranks
 
 
+def built(cfg: DictConfig, device: torch.device) -> tuple[GPT, dict[str, TensorSpec], torch.dtype | None]:
+    """`cfg`'s model seeded by train.seed and initialised, on `device` in its parameter dtype; its specs and
+    autocast dtype. Every rank of a run, and every copy of a fused group, builds its model here."""
+    param_dtype, amp = precision(cfg, device)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same model
+    model, specs = build(cfg)  # the parameterization: from the full model's names and shapes, before wrapping
+    return model.to(device=device, dtype=param_dtype), specs, amp
+
+
 def setup(cfg: DictConfig, device: torch.device, *, world: World = SINGLE, measure: bool = False) -> Setup:
     """Build `cfg`'s model (seeded by train.seed), move it to `device`, wrap it for `world`'s processes
     (train.parallel), build its optimizer, and verify the parameterization survived the wrapping.
@@ -72,10 +81,7 @@ def setup(cfg: DictConfig, device: torch.device, *, world: World = SINGLE, measu
     model without autocast, as the coordinate check needs it (its hooks see every module, and
     sizes are measured in the parameters' dtype).
     """
-    param_dtype, amp = precision(cfg, device)
-    torch.manual_seed(cfg.train.seed)  # every rank builds the same model
-    model, specs = build(cfg)  # the parameterization: from the full model's names and shapes, before wrapping
-    model.to(device=device, dtype=param_dtype)
+    model, specs, amp = built(cfg, device)
     wrapper, amp = wrap(model, cfg.train.parallel, device, amp) if world.distributed else (model, amp)
     opt = build_optimizer(model, specs, cfg)  # after wrapping: FSDP2's sharded parameters, by name
     verify(wrapper, specs, opt, cfg.optim.wd_mode)
@@ -86,9 +92,13 @@ def setup(cfg: DictConfig, device: torch.device, *, world: World = SINGLE, measu
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of logits (B, T, V) against targets (B, T), in fp32 at least."""
+    """Mean next-token cross entropy of logits (B, T, V) against targets (B, T), in fp32 at least; of a fused
+    group's logits (N, B, T, V), each copy's mean, (N,)."""
     # bf16 logits are raised to fp32; float64 ones (exactness tests) stay float64.
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), y.flatten())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return F.cross_entropy(logits.flatten(0, 2), y.flatten(), reduction="none").view(len(y), -1).mean(1)
 
 
 def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,13 +117,18 @@ def train_step(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             loss = loss_of(logits, ym) / s.accum  # the gradient of the mean over the micro-batches
             loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
+    update(s)
+    return total
+
+
+def update(s: Setup) -> None:
+    """The optimizer step on the gradients in place: clipped to grad_clip first (counted in `s.clipped`)."""
     if s.grad_clip > 0:
         norm = full(torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip))
         if s.clipped is not None:
             s.clipped += norm > s.grad_clip
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
-    return total
 
 
 def clipped_steps(s: Setup) -> int | None:
