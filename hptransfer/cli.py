@@ -323,6 +323,13 @@ def sweep(
             out.print(views.slurm_plan(launcher, size, script, len(to_launch), runs), soft_wrap=True)  # no wrap
         return
     launch.prepare(folder, spec, runs)
+    n_jobs = jobs or default_jobs(launcher, local_gpus()) if launcher.name == "local" else None
+    packing = launch.packing_of(launcher, n_jobs)
+    if not packing.trivial and (shared := launch.describe_tasks(launch.tasks_for(
+            folder, launch.launchable(folder, spec, runs, retry_failed),
+            packing, {r.run_id: r.config for r in runs}))):
+        console.print(f"sweep '{spec.name}': {shared} (launcher.fuse={launcher.fuse}, "
+                      f"launcher.runs_per_task={launcher.runs_per_task})", highlight=False)
     if launcher.name == "slurm":
         records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
         arrays = sorted({r["job_id"].split("_")[0] for r in records})
@@ -334,10 +341,9 @@ def sweep(
         if failed:
             raise typer.Exit(1)
         return
-    n_jobs = jobs or default_jobs(launcher, local_gpus())
     order = launch.largest_first(runs)
     if detach:
-        pid = launch.detach_local(folder, order, jobs=n_jobs, retry_failed=retry_failed)
+        pid = launch.detach_local(folder, order, jobs=n_jobs, retry_failed=retry_failed, packing=packing)
         console.print(f"sweep '{spec.name}': scheduler {pid} runs it in the background, {n_jobs} at a time "
                       f"(log: {folder.path / 'scheduler.log'}); follow with: "
                       f"{hint('status', spec.name, '--watch', root=root)}",
@@ -346,7 +352,8 @@ def sweep(
     keys = [d.key for d in spec.dims if len(d.values) > 1]
     try:
         with views.LiveProgress(console, n_jobs, keys) as live:
-            progress = launch.run_local(folder, order, jobs=n_jobs, retry_failed=retry_failed, on_event=live)
+            progress = launch.run_local(folder, order, jobs=n_jobs, retry_failed=retry_failed, on_event=live,
+                                        packing=packing)
     except KeyboardInterrupt:
         err_console.print("hpt: stopped; unfinished runs are recorded cancelled. Resume with the same command.",
                           soft_wrap=True)

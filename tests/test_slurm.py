@@ -23,8 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from hptransfer.files import json_lines
-from hptransfer.sweeps.store import attempt_log, log_tail
+from hptransfer.sweeps.backends import slurm
+from hptransfer.sweeps.store import RunState, attempt_log, log_tail
 from tests.conftest import HPT, REPO, TINY, assert_one_line_error, cli
+from tests.test_fused import assert_same_folders
 from tests.test_sweep import TINY_SWEEP
 from tests.test_targets import synthetic
 
@@ -36,6 +38,7 @@ ON = ["launcher=slurm", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", 
 ENDLESS = ["optim.lr=0.004", "param=sp", "train.steps=1000000", "train.log_every=100", "train.checkpoint_every=500"]
 
 
+FUSED = ["optim.lr=0.004,0.008,0.016", "param=sp,mup", "train.dtype=float64"]  # float64: fused == unfused to 1e-6
 EXAMPLE = REPO / "examples" / "custom_lm" / "sweep.yaml"
 EXAMPLE_ARGS = ["train.steps=10", "model.width=32,64", "optim.lr=0.01", "param=mup"]
 
@@ -105,6 +108,8 @@ def submitted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # a GPU asked of a node without CUDA: passes submission (a login node has none either), fails in the job
         "fail": ["optim.lr=0.004", "param=sp", "train.device=cuda"],
         "scancel": ENDLESS,
+        # one array task: two fused groups of three (SP's and muP's), one after the other
+        "fused": [*FUSED, "launcher.fuse=3", "launcher.runs_per_task=2"],
     }
     with ThreadPoolExecutor(1) as pool:
         # 2 ranks signalled after their first checkpoints: watched from their start, while the rest is
@@ -303,6 +308,34 @@ def test_an_array_of_runs_completes_and_status_shows_it(root):
     assert "opt lr" in text and text.count("completed") >= 5  # grid, summary and every run
     run_dir = root / "array" / next(iter(runs))
     assert (run_dir / "logs" / "attempt-1.out").resolve().is_file()  # submitit's log, linked into the run
+
+
+def test_a_fused_and_packed_array_task_leaves_the_folders_of_unfused_runs(root, tmp_path):
+    runs = wait_states(root, "fused", {"completed"}, timeout=300)
+    assert len(runs) == 6 and len({r["job_id"] for r in runs.values()}) == 1  # one array task for all six
+    (tmp_path / "tiny.yaml").write_text(TINY_SWEEP)
+    res = cli("sweep", str(tmp_path / "tiny.yaml"), "--root", str(tmp_path), "--name", "fused", "-j", "2",
+              *ON[-2:], *FUSED)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for rid in runs:  # the same ids; the same curves and results as the runs trained alone, here
+        assert_same_folders(root / "fused" / rid, tmp_path / "fused" / rid, 1e-6)
+    outs = {rid: (root / "fused" / rid / "logs" / "attempt-1.out").read_text() for rid in runs}
+    assert sum("trained in a fused group of 3 runs" in text for text in outs.values()) == 4  # two groups' copies
+    assert sum("fused group 2 of 2 of this task" in text for text in outs.values()) == 1
+
+
+def test_a_packed_run_waits_in_its_task_and_one_its_task_never_reached_is_free_to_launch():
+    running, failed = {"job_id": "7_0", "position": 1}, {"job_id": "7_1", "position": 2}
+    states = {"7_0": "RUNNING", "7_1": "FAILED"}
+    waiting = RunState("a", {}, "pending")
+    slurm._judge(waiting, running, states, None)
+    assert (waiting.state, waiting.active) == ("pending", True) and "packed" in waiting.reason
+    slurm._judge(started := RunState("b", {}, "pending"), running, states, {"step": 3, "time": time.time()})
+    assert started.state == "running"
+    slurm._judge(never := RunState("c", {}, "pending"), failed, states, None)
+    assert never.state == "cancelled" and "before reaching it" in never.reason  # launchable again
+    slurm._judge(crashed := RunState("d", {}, "pending"), failed, states, {"step": 3, "time": time.time()})
+    assert crashed.state == "failed"
 
 
 def test_a_sweep_of_the_users_code_runs_on_slurm(root, tmp_path):

@@ -8,6 +8,7 @@ foreground or detached (`python -m hptransfer.sweeps.launch`), or on SLURM as jo
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from hptransfer.sweeps.backends.local import LocalScheduler, Progress, local_gpu
 from hptransfer.sweeps.plan import Run, SweepSpec
 from hptransfer.sweeps.state import is_launchable, run_states
 from hptransfer.sweeps.store import RunState, SweepFolder, set_aside_result
+from hptransfer.sweeps.tasks import ONE_PER_JOB, Packing, Task, plan_tasks
 
 if TYPE_CHECKING:
     from hptransfer.sweeps.backends.slurm import SlurmLauncher
@@ -109,23 +111,70 @@ def claiming(folder: SweepFolder, run_ids: list[str], retry_failed: bool) -> Ite
         yield todo
 
 
+def packing_of(launcher: Any, jobs: int | None = None) -> Packing:
+    """How the launcher's runs share jobs (sweeps/tasks.py): launcher.fuse (auto: within `fuse_budget`) and
+    launcher.runs_per_task; `jobs`: the local slots, which auto fusion keeps busy."""
+    auto = launcher.fuse == "auto"
+    return Packing(None if auto else launcher.fuse, launcher.runs_per_task,
+                   fuse_budget(launcher, jobs or 1) if auto else None, jobs if launcher.name == "local" else None)
+
+
+def fuse_budget(launcher: Any, jobs: int) -> int:
+    """Bytes a fused group may take: launcher.fuse_mem_gb; else on SLURM 0.8 x launcher.mem_gb (CPU tasks: GPU
+    tasks must say, SlurmLauncher checks); locally 0.8 x the first GPU's memory, or half the free memory per job."""
+    if launcher.fuse_mem_gb is not None:
+        return int(launcher.fuse_mem_gb * 2**30)
+    if launcher.name == "slurm":
+        return int(0.8 * launcher.mem_gb * 2**30)
+    if local_gpus():
+        import torch  # here: only to size a local GPU, when fusion is automatic
+
+        return int(0.8 * torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2 // jobs
+
+
+def tasks_for(folder: SweepFolder, run_ids: list[str], packing: Packing,
+              configs: dict[str, dict[str, Any]] | None = None) -> list[Task]:
+    """The tasks of these runs (in order); their configs from `configs` or the sweep's manifest."""
+    if not packing.trivial and configs is None:
+        configs = {r["run_id"]: json.loads(r["config"]) for r in folder.manifest()}
+    return plan_tasks(run_ids, configs or {}, packing)
+
+
+def describe_tasks(tasks: list[Task]) -> str | None:
+    """One line on how runs share jobs (None: one run per job)."""
+    fused = [u for t in tasks for u in t.units if len(u) > 1]
+    packed = [t for t in tasks if len(t.units) > 1]
+    if not fused and not packed:
+        return None
+    runs = sum(len(t.run_ids) for t in tasks)
+    parts = [f"{sum(len(u) for u in fused)} of {runs} runs fused into {len(fused)} batched models "
+             f"({min(map(len, fused))}-{max(map(len, fused))} runs each)"] if fused else []
+    parts += [f"{len(tasks)} jobs of up to {max(len(t.units) for t in tasks)} runs or groups each"] if packed else []
+    return "; ".join(parts)
+
+
 def run_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool,
-              on_event: Callable[[str, RunState | None, Progress], None]) -> Progress:
-    """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order.
+              on_event: Callable[[str, RunState | None, Progress], None], packing: Packing = ONE_PER_JOB) -> Progress:
+    """Claim this grid's launchable runs for this process and run them `jobs` at a time, in `run_ids` order,
+    in tasks as `packing` says.
 
     Space for the runs' last records is set aside before any is claimed (a full disk: DiskFull, nothing claimed).
     """
     with reserved_space(folder, len(run_ids)) as reserve:
         with claiming(folder, run_ids, retry_failed) as todo:
             folder.append_jobs(queued_records(todo, git_state()))
-        return LocalScheduler(folder, todo, jobs, local_gpus(), on_event, reserve).schedule()
+        tasks = tasks_for(folder, [s.run_id for s in todo], packing)
+        return LocalScheduler(folder, todo, jobs, local_gpus(), on_event, reserve, tasks).schedule()
 
 
-def detach_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool) -> int:
+def detach_local(folder: SweepFolder, run_ids: list[str], *, jobs: int, retry_failed: bool,
+                 packing: Packing = ONE_PER_JOB) -> int:
     """Start the local scheduler as a detached process (its own session) and return its pid."""
     log = open(folder.path / "scheduler.log", "ab")  # noqa: SIM115 (the child owns it)
     cmd = [sys.executable, "-m", "hptransfer.sweeps.launch", str(folder.path), "--jobs", str(jobs)]
     cmd += ["--retry-failed"] if retry_failed else []
+    cmd += [] if packing.trivial else ["--packing", json.dumps(packing.__dict__)]
     proc = subprocess.Popen([*cmd, *run_ids], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     log.close()
@@ -138,7 +187,8 @@ def submit_slurm(folder: SweepFolder, run_ids: list[str], launcher: "SlurmLaunch
     from hptransfer.sweeps.backends.slurm import submit  # here: a local sweep never imports submitit
 
     with claiming(folder, run_ids, retry_failed) as todo:
-        return submit(folder, todo, launcher, git_state())
+        return submit(folder, todo, launcher, git_state(), tasks_for(folder, [s.run_id for s in todo],
+                                                                     packing_of(launcher)))
 
 
 def cancel(folder: SweepFolder, wait_s: float = 30) -> int:
@@ -167,6 +217,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--jobs", type=int, required=True)
     parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--packing", type=lambda v: Packing(**json.loads(v)), default=ONE_PER_JOB)
     parser.add_argument("run_ids", nargs="+")
     args = parser.parse_args(argv)
 
@@ -177,7 +228,8 @@ def main(argv: list[str]) -> int:
     folder = SweepFolder(args.sweep_dir)
     print(f"{now()} scheduler {os.getpid()} for {folder.path}", flush=True)
     try:
-        p = run_local(folder, args.run_ids, jobs=args.jobs, retry_failed=args.retry_failed, on_event=log)
+        p = run_local(folder, args.run_ids, jobs=args.jobs, retry_failed=args.retry_failed, on_event=log,
+                      packing=args.packing)
     except KeyboardInterrupt:
         print(f"{now()} stopped: running runs recorded cancelled", flush=True)
         return 130

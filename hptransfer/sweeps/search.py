@@ -322,7 +322,8 @@ def evaluate(folder: SweepFolder, spec: SweepSpec, runs: list[Run], engine: Engi
             arrays = sorted({r["job_id"].split("_")[0] for r in records})
             engine.say(f"{folder.name}: {len(records)} runs submitted to SLURM as job {', '.join(arrays) or '-'}")
         else:
-            launch.run_local(folder, todo, jobs=engine.jobs, retry_failed=True, on_event=engine.on_event)
+            launch.run_local(folder, todo, jobs=engine.jobs, retry_failed=True, on_event=engine.on_event,
+                             packing=launch.packing_of(engine.launcher, engine.jobs))
     states = _states(folder, ids)
     while any(s.active for s in states.values()):
         time.sleep(POLL_S)

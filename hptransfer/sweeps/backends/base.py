@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from hptransfer.errors import HptError
 from hptransfer.sweeps.store import RunState, SweepFolder
 
 HEARTBEAT_STALE_S = 600  # no heartbeat for this long, and no scheduler to ask: the run is not alive
@@ -45,3 +46,20 @@ def age_s(iso: str | None) -> float:
 def fresh(hb: dict[str, Any] | None) -> bool:
     """A heartbeat written within HEARTBEAT_STALE_S."""
     return hb is not None and time.time() - hb.get("time", 0) < HEARTBEAT_STALE_S
+
+
+def check_packing(launcher: Any) -> None:
+    """launcher.fuse (a number >= 1 or auto), launcher.fuse_mem_gb and launcher.runs_per_task (>= 1): one-line
+    errors before anything is written; `fuse` becomes an int or "auto"."""
+    fuse = launcher.fuse
+    if isinstance(fuse, str) and fuse.strip().isdigit():
+        fuse = int(fuse)
+    if not (fuse == "auto" or (isinstance(fuse, int) and not isinstance(fuse, bool) and fuse >= 1)):
+        raise HptError(f"config key 'launcher.fuse': must be a number of runs >= 1 (1: no fusion) or auto, "
+                       f"got {fuse!r}")
+    launcher.fuse = fuse
+    if launcher.runs_per_task < 1:
+        raise HptError(f"config key 'launcher.runs_per_task': must be >= 1, got {launcher.runs_per_task}")
+    if launcher.fuse_mem_gb is not None and not launcher.fuse_mem_gb > 0:
+        raise HptError(f"config key 'launcher.fuse_mem_gb': must be positive (null: estimated), "
+                       f"got {launcher.fuse_mem_gb}")

@@ -12,6 +12,7 @@ a DiskFull error says so, and the same command resumes once space is freed.
 """
 
 import errno
+import json
 import os
 import re
 import signal
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from hptransfer.files import DISK_FULL_EXIT, DiskFull, disk_full, disk_full_error, free_bytes, human_bytes
-from hptransfer.sweeps.backends.base import Backend, Judge, fresh, now
+from hptransfer.sweeps.backends.base import Backend, Judge, check_packing, fresh, now
 from hptransfer.sweeps.store import RunState, SweepFolder, new_attempt, read_result
+from hptransfer.sweeps.tasks import Task
 
 # Space set aside for the records of a sweep's ends (~150 bytes each): freed to write them when the disk is full.
 RESERVE_BYTES, RESERVE_PER_RUN, RESERVE_MAX = 16 * 1024, 512, 8 * 1024 * 1024
@@ -39,7 +41,13 @@ class LocalLauncher:
     """config/groups/launcher/local.yaml"""
 
     name: str = "local"
-    jobs: int | None = None  # runs at once; None: one per GPU, else one per CPU core
+    jobs: int | None = None  # jobs at once; None: one per GPU, else one per CPU core
+    fuse: Any = 1  # runs per fused group (one batched model), or "auto"; 1: none
+    fuse_mem_gb: float | None = None  # auto's memory per job; None: a GPU's, or half the free memory per job
+    runs_per_task: int = 1  # units (a run or a fused group) one after another in one process
+
+    def __post_init__(self) -> None:
+        check_packing(self)
 
 
 def process_start(pid: int) -> int | None:
@@ -152,9 +160,10 @@ def default_jobs(launcher: LocalLauncher, gpus: list[str]) -> int:
 @dataclass
 class Slot:
     gpu: str | None
-    run_id: str | None = None
+    task: Task | None = None
     proc: subprocess.Popen | None = None
-    log: IO[bytes] | None = None
+    log: IO[bytes] | None = None  # the process's output: the log of the task's first run
+    logs: dict[str, Path] = field(default_factory=dict)  # each run's attempt log
     started: float = 0.0
 
 
@@ -178,9 +187,10 @@ class LocalScheduler:
     """Run claimed runs N at a time, each in its own process, until all have ended or it is stopped."""
 
     def __init__(self, folder: SweepFolder, runs: list[RunState], jobs: int, gpus: list[str],
-                 on_event: Callable[[str, RunState | None, Progress], None], reserve: Reserve | None = None):
+                 on_event: Callable[[str, RunState | None, Progress], None], reserve: Reserve | None = None,
+                 tasks: list[Task] | None = None):
         self.folder = folder
-        self.queue = list(runs)
+        self.queue = list(tasks) if tasks is not None else [Task(((s.run_id,),)) for s in runs]
         self.slots = [Slot(gpus[i % len(gpus)] if gpus else None) for i in range(jobs)]
         self.threads = max(1, cpu_count() // jobs)
         self.progress = Progress(total=len(runs))
@@ -245,7 +255,7 @@ class LocalScheduler:
 
     def _stop_disk_full(self) -> None:
         """Record the runs never started cancelled (the stopped ones are already), then raise DiskFull."""
-        queued = [s.run_id for s in self.queue]
+        queued = [rid for task in self.queue for rid in task.run_ids]
         self.queue.clear()
         lost = self._record([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": "disk full",
                               "at": now()} for rid in queued], last=True)
@@ -267,82 +277,112 @@ class LocalScheduler:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop_reason = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped (SIGTERM, e.g. hpt cancel)"
 
-    def _start(self, slot: Slot, s: RunState) -> None:
-        run_dir = self.folder.run_dir(s.run_id)
-        attempt = new_attempt(run_dir)
-        log = run_dir / "logs" / f"attempt-{attempt}.log"
+    def _start(self, slot: Slot, task: Task) -> None:
+        """Start the task's process, its output in its first run's new attempt log; each other run's attempt log
+        is created (a fused run's says where the group's output is; a packed run's is where the job writes
+        once it reaches it). Every run is recorded started by that process."""
+        runs = [self.by_id[rid] for rid in task.run_ids]
+        attempts = {s.run_id: new_attempt(self.folder.run_dir(s.run_id)) for s in runs}
+        logs = {rid: self.folder.run_dir(rid) / "logs" / f"attempt-{n}.log" for rid, n in attempts.items()}
+        first = task.run_ids[0]
         try:
-            (run_dir / "logs").mkdir(exist_ok=True)
-            # Unbuffered: the job writes to it directly, and closing it never flushes into a full disk.
-            slot.log = open(log, "ab", buffering=0)  # noqa: SIM115 (closed in _ended)
+            for rid, log in logs.items():
+                log.parent.mkdir(exist_ok=True)
+                # Unbuffered: the job writes to it directly, and closing it never flushes into a full disk.
+                with open(log, "ab", buffering=0) as f:
+                    unit = task.units[task.position(rid)]
+                    if rid != unit[0]:  # a fused run: the group's output is its first run's
+                        f.write(f"[hpt] attempt {attempts[rid]}: trained in a fused group of {len(unit)} runs; "
+                                f"its output: {logs[unit[0]]}\n".encode())
+            slot.log = open(logs[first], "ab", buffering=0)  # noqa: SIM115 (closed in _ended)
         except OSError as err:
             if not disk_full(err):
                 raise
-            self._full(run_dir)
-            self.queue.insert(0, s)  # not started: recorded cancelled with the rest
+            self._full(self.folder.run_dir(first))
+            self.queue.insert(0, task)  # not started: recorded cancelled with the rest
             return
         env = {"OMP_NUM_THREADS": str(self.threads), **os.environ}  # an explicit OMP_NUM_THREADS wins
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        dirs = {rid: str(self.folder.run_dir(rid)) for rid in task.run_ids}
+        what = [dirs[first]] if len(task.run_ids) == 1 else [json.dumps(
+            [{"runs": [dirs[rid] for rid in unit], "log": str(logs[unit[0]])} for unit in task.units])]
         # Its own session: the terminal's Ctrl-C reaches only the scheduler, which stops runs itself.
-        slot.proc = subprocess.Popen([sys.executable, "-m", "hptransfer.sweeps.job", str(run_dir)], stdout=slot.log,
+        slot.proc = subprocess.Popen([sys.executable, "-m", "hptransfer.sweeps.job", *what], stdout=slot.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
-        slot.run_id, slot.started = s.run_id, time.time()
+        slot.task, slot.logs, slot.started = task, logs, time.time()
         pid = slot.proc.pid
+        shared = {"tasks": len(task.run_ids)} if len(task.run_ids) > 1 else {}
         try:
-            self.folder.append_jobs([{"event": "started", "run_id": s.run_id, "executor": "local",
+            self.folder.append_jobs([{"event": "started", "run_id": rid, "executor": "local",
                                       "job_id": f"local-{pid}", "pid": pid, "start": process_start(pid),
-                                      "host": socket.gethostname(), "attempt": attempt, "gpu": slot.gpu,
-                                      "started_at": now()}])
+                                      "host": socket.gethostname(), "attempt": attempts[rid], "gpu": slot.gpu,
+                                      "started_at": now(), **shared,
+                                      **({"position": task.position(rid)} if shared else {})}
+                                     for rid in task.run_ids])
         except DiskFull:  # a run nobody knows was started must not run: stop it, as if it never had
             _signal_group(pid, signal.SIGKILL)
             slot.proc.wait()
             _close(slot.log)
-            remove_strays(run_dir, pid)
-            with suppress(OSError):
-                if log.stat().st_size == 0:
-                    log.unlink()
-            slot.proc, slot.run_id, slot.log = None, None, None
+            for rid, log in logs.items():
+                remove_strays(self.folder.run_dir(rid), pid)
+                with suppress(OSError):
+                    if log.stat().st_size == 0 or rid != first:
+                        log.unlink()
+            slot.proc, slot.task, slot.log = None, None, None
             self._full(self.folder.jobs_file)
-            self.queue.insert(0, s)
+            self.queue.insert(0, task)
             return
-        self.progress.running[s.run_id] = slot.started
-        s.job_id, s.attempts = f"local-{pid}", attempt
-        self.on_event("started", s, self.progress)
+        for s in runs:
+            self.progress.running[s.run_id] = slot.started
+            s.job_id, s.attempts = f"local-{pid}", attempts[s.run_id]
+            self.on_event("started", s, self.progress)
 
     def _ended(self, slot: Slot) -> None:
+        """Record each run of the slot's ended task: its result, or why it has none."""
         code = slot.proc.returncode
-        s = self.by_id[slot.run_id]
-        run_dir = self.folder.run_dir(slot.run_id)
-        remove_strays(run_dir, slot.proc.pid)
-        result, why = read_result(run_dir)
-        # The disk's fault, not the run's (said by the job, or any exit without a result once the disk is
-        # known full): cancelled, to be resumed by the same command.
-        if result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
-            self._note(slot, f"[hpt] attempt {s.attempts} stopped: disk full; the same command resumes it\n")
-            _close(slot.log)
-            self._full(run_dir)
-            self.stopped_by_disk += 1
-            s.state, s.reason = "cancelled", "disk full"
-            self._record([{"event": "cancelled", "run_id": slot.run_id, "executor": "local", "job_id": s.job_id,
-                           "reason": "disk full", "at": now()}])
-        else:
-            if result is None:  # say in the log itself why it stopped: `hpt status` shows its tail
-                self._note(slot, f"[hpt] attempt {s.attempts} {why or exit_reason(code)}\n")
-            _close(slot.log)
-            self._record([{"event": "ended", "run_id": slot.run_id, "executor": "local",
-                           "job_id": s.job_id, "returncode": code, "ended_at": now()}])
-            s.state, s.result = (result["status"], result) if result else ("failed", None)
-            s.reason = why or ("" if result else exit_reason(code))
-            self.progress.done[s.state] += 1
-            self.progress.durations.append(time.time() - slot.started)
-        self.progress.running.pop(slot.run_id, None)
-        slot.proc, slot.run_id, slot.log = None, None, None
-        self.on_event("ended", s, self.progress)
+        task = slot.task
+        duration = (time.time() - slot.started) / len(task.run_ids)  # a slot's time per run: what ETAs divide
+        records = []
+        for rid in task.run_ids:
+            s, run_dir = self.by_id[rid], self.folder.run_dir(rid)
+            remove_strays(run_dir, slot.proc.pid)
+            result, why = read_result(run_dir)
+            # The disk's fault, not the run's (said by the job, or any exit without a result once the disk is
+            # known full): cancelled, to be resumed by the same command.
+            if result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
+                self._note(slot, rid, f"[hpt] attempt {s.attempts} stopped: disk full; the same command resumes it\n")
+                self._full(run_dir)
+                self.stopped_by_disk += 1
+                s.state, s.reason = "cancelled", "disk full"
+                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
+                                "reason": "disk full", "at": now()})
+            elif result is None and task.position(rid) > 0 and _empty(slot.logs[rid]):
+                # A packed run its task never reached (its process died first): free to launch again.
+                slot.logs[rid].unlink(missing_ok=True)
+                s.state, s.reason = "cancelled", f"its task's process ended before reaching it ({exit_reason(code)})"
+                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
+                                "reason": s.reason, "at": now()})
+            else:
+                if result is None:  # say in the log itself why it stopped: `hpt status` shows its tail
+                    self._note(slot, rid, f"[hpt] attempt {s.attempts} {why or exit_reason(code)}\n")
+                records.append({"event": "ended", "run_id": rid, "executor": "local",
+                                "job_id": s.job_id, "returncode": code, "ended_at": now()})
+                s.state, s.result = (result["status"], result) if result else ("failed", None)
+                s.reason = why or ("" if result else exit_reason(code))
+                self.progress.done[s.state] += 1
+                self.progress.durations.append(duration)
+            self.progress.running.pop(rid, None)
+        _close(slot.log)
+        self._record(records)
+        ended = [self.by_id[rid] for rid in task.run_ids]
+        slot.proc, slot.task, slot.log, slot.logs = None, None, None, {}
+        for s in ended:
+            self.on_event("ended", s, self.progress)
 
     def _stop(self, reason: str) -> None:
-        """Terminate running runs (SIGTERM, then SIGKILL), record them and the queued ones cancelled."""
+        """Terminate running tasks (SIGTERM, then SIGKILL), record their runs and the queued ones cancelled."""
         busy = [slot for slot in self.slots if slot.proc is not None]
         for slot in busy:
             _signal_group(slot.proc.pid, signal.SIGTERM)
@@ -355,25 +395,47 @@ class LocalScheduler:
                 slot.proc.wait()
         cancelled = []
         for slot in busy:
-            remove_strays(self.folder.run_dir(slot.run_id), slot.proc.pid)
-            if read_result(self.folder.run_dir(slot.run_id))[0] is not None:
-                self._ended(slot)  # it finished while being stopped: a result, not a cancellation
+            task = slot.task
+            unfinished = []
+            for rid in task.run_ids:
+                remove_strays(self.folder.run_dir(rid), slot.proc.pid)
+                if read_result(self.folder.run_dir(rid))[0] is None:
+                    unfinished.append(rid)
+            if not unfinished:
+                self._ended(slot)  # it finished while being stopped: results, not cancellations
                 continue
-            self._note(slot, f"[hpt] attempt cancelled: {reason}\n")
+            finished = [rid for rid in task.run_ids if rid not in unfinished]
+            if finished:  # the runs of a packed task that ended before the stop: their results
+                self._record([{"event": "ended", "run_id": rid, "executor": "local", "job_id": self.by_id[rid].job_id,
+                               "returncode": slot.proc.returncode, "ended_at": now()} for rid in finished])
+            for rid in unfinished:
+                self._note(slot, rid, f"[hpt] attempt cancelled: {reason}\n")
             _close(slot.log)
-            cancelled.append(slot.run_id)
-        cancelled += [s.run_id for s in self.queue]
+            cancelled += unfinished
+        cancelled += [rid for task in self.queue for rid in task.run_ids]
         self.queue.clear()
         if self._record([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": reason, "at": now()}
                          for rid in cancelled], last=True):
             raise disk_full_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.folder.jobs_file)
 
-    def _note(self, slot: Slot, line: str) -> None:
+    def _note(self, slot: Slot, run_id: str, line: str) -> None:
         """A line of the scheduler's in a run's log; one a full disk refuses is tried again at the end."""
+        log = slot.logs[run_id]
         try:
-            slot.log.write(line.encode())
+            if run_id == slot.task.run_ids[0]:
+                slot.log.write(line.encode())
+            else:
+                with open(log, "ab") as f:
+                    f.write(line.encode())
         except OSError:
-            self.notes.append((slot.log.name, line))
+            self.notes.append((str(log), line))
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return True
 
 
 def _close(log: IO[bytes] | None) -> None:
@@ -434,7 +496,9 @@ def _judge(s: RunState, rec: dict[str, Any], hb: dict[str, Any] | None) -> None:
         alive = process_alive(rec)
         if alive is None:
             alive = fresh(hb)
-        if alive:
+        if alive and rec.get("position", 0) > 0 and hb is None:  # a packed run its task has not reached
+            s.state, s.reason, s.active = "pending", "packed: waits for the runs before it in its task", True
+        elif alive:
             s.state, s.reason, s.active = "running", "", True
         else:
             s.state, s.reason = "failed", f"process {rec['pid']} died without a result"

@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,9 +38,10 @@ from submitit.slurm.slurm import SlurmJobEnvironment, _make_sbatch_string  # pri
 from hptransfer.errors import HptError
 from hptransfer.files import exit_process
 from hptransfer.sweeps import job
-from hptransfer.sweeps.backends.base import Backend, Judge, age_s, fresh, now
+from hptransfer.sweeps.backends.base import Backend, Judge, age_s, check_packing, fresh, now
 from hptransfer.sweeps.backends.local import process_alive, process_start
 from hptransfer.sweeps.store import RunState, SweepFolder, attempt_log, new_attempt
+from hptransfer.sweeps.tasks import Task
 
 SCHEDULER_TIMEOUT_S = 20  # a hung sacct/squeue must not hang `hpt status`
 UNLISTED_GRACE_S = 120  # a job neither sacct nor squeue lists this long after submission is gone
@@ -69,11 +70,23 @@ class SlurmLauncher:
     max_requeue: int = 3
     setup: list[str] = field(default_factory=list)
     additional: dict[str, Any] = field(default_factory=dict)
+    fuse: Any = 1  # runs per fused group (one batched model, one array task), or "auto"; 1: none
+    fuse_mem_gb: float | None = None  # auto's memory per task; None: 0.8 x mem_gb on CPUs (GPUs: set it)
+    runs_per_task: int = 1  # units (a run or a fused group) one after another in one array task
 
     def __post_init__(self) -> None:
         """Values sbatch would refuse, or accept to no purpose, are one-line errors before anything is written."""
         def bad(key: str, why: str) -> HptError:
             return HptError(f"config key 'launcher.{key}': {why}")
+
+        check_packing(self)
+        if self.nodes * self.tasks_per_node > 1 and (self.fuse != 1 or self.runs_per_task != 1):
+            raise bad("fuse" if self.fuse != 1 else "runs_per_task", (
+                f"a run of {self.nodes * self.tasks_per_node} tasks (launcher.nodes x launcher.tasks_per_node) "
+                f"cannot share its job: set launcher.fuse=1 and launcher.runs_per_task=1, or one task per run"))
+        if self.fuse == "auto" and self.gpus_per_node and self.fuse_mem_gb is None:
+            raise bad("fuse_mem_gb", "launcher.fuse=auto on GPUs needs the memory of one GPU: set "
+                      "launcher.fuse_mem_gb (e.g. 80 for an H100), or a number of runs in launcher.fuse")
 
         if not (math.isfinite(self.mem_gb) and self.mem_gb > 0):
             raise bad("mem_gb", f"must be positive, got {self.mem_gb}")
@@ -227,34 +240,46 @@ def sbatch_script(launcher: SlurmLauncher, name: str, folder: Path, n_runs: int)
                                **sbatch_parameters(launcher, name))
 
 
-def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher,
-           prov: dict[str, Any]) -> list[dict[str, Any]]:
-    """Submit claimed runs as job arrays and record each array's jobs as it is accepted; returns the records."""
+def submit(folder: SweepFolder, todo: list[RunState], launcher: SlurmLauncher, prov: dict[str, Any],
+           tasks: list[Task] | None = None) -> list[dict[str, Any]]:
+    """Submit claimed runs as job arrays, one array task per task (default: per run; sweeps/tasks.py), and
+    record each array's jobs as it is accepted; returns the records."""
     records: list[dict[str, Any]] = []
     if not todo:
         return records
+    tasks = tasks if tasks is not None else [Task(((s.run_id,),)) for s in todo]
     sub = submitit_folder(folder)
     executor = submitit.SlurmExecutor(folder=sub, max_num_timeout=launcher.max_requeue)
     executor.update_parameters(**sbatch_parameters(launcher, folder.name))
     me = {"pid": os.getpid(), "start": process_start(os.getpid()), "host": socket.gethostname()}
-    for part in chunks(todo, array_size(launcher)):
+    for part in chunks(tasks, array_size(launcher)):
         # The intent first: if this process dies after sbatch accepts the array but before the array is
         # recorded, the next `hpt sweep` or `hpt status` finds the array by its folder (see `settle`).
-        folder.append_jobs([{"event": "submitting", "run_id": s.run_id, "executor": "slurm", "folder": str(sub),
+        folder.append_jobs([{"event": "submitting", "run_id": rid, "executor": "slurm", "folder": str(sub),
                              "task": i, "tasks": len(part), "submitter": me, "at": now(), **prov}
-                            for i, s in enumerate(part)])
+                            for i, t in enumerate(part) for rid in t.run_ids])
         try:  # submitit prints sbatch's stderr itself on failure: it goes into our one-line error instead
             with redirect_stderr(io.StringIO()):
-                dirs = [folder.run_dir(s.run_id) for s in part]
-                jobs = executor.map_array(RunJob(), [str(d) for d in dirs], [new_attempt(d) for d in dirs])
+                jobs = executor.map_array(RunJob(), *zip(*(_job_args(folder, t) for t in part), strict=True))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
             sbatch = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
             raise HptError(f"sbatch refused the job array: {sbatch}") from None
-        batch = [{"event": "submitted", "run_id": s.run_id, "executor": "slurm", "job_id": j.job_id,
-                  "folder": str(sub), "submitted_at": now(), **prov} for s, j in zip(part, jobs, strict=True)]
+        batch = [{"event": "submitted", "run_id": rid, "executor": "slurm", "job_id": j.job_id,
+                  "folder": str(sub), "submitted_at": now(), **prov,
+                  **({"tasks": len(t.run_ids), "position": t.position(rid)} if len(t.run_ids) > 1 else {})}
+                 for t, j in zip(part, jobs, strict=True) for rid in t.run_ids]
         folder.append_jobs(batch)  # recorded per array: a later failure loses no submitted job
         records += batch
     return records
+
+
+def _job_args(folder: SweepFolder, task: Task) -> tuple[Any, Any]:
+    """RunJob's arguments for a task: a run's folder and next attempt; several: each unit's folders and attempts."""
+    if len(task.run_ids) == 1:
+        d = folder.run_dir(task.run_ids[0])
+        return str(d), new_attempt(d)
+    units = [[folder.run_dir(rid) for rid in unit] for unit in task.units]
+    return [[str(d) for d in u] for u in units], [[new_attempt(d) for d in u] for u in units]
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -271,30 +296,59 @@ class RunJob(submitit.helpers.Checkpointable):
     rank 0 in a collective, where it cannot act on its signal).
     """
 
-    def __call__(self, run_dir: str, first_attempt: int | None = None) -> str:
+    def __call__(self, run_dir: str | list[list[str]], first_attempt: int | list[list[int]] | None = None) -> str:
         """`first_attempt`: the run's next attempt number when the job was submitted (None: a job an older
-        hpt queued, of one task, which counts its attempt from the logs as it did)."""
+        hpt queued, of one task, which counts its attempt from the logs as it did). A task of several runs
+        (sweeps/tasks.py): the folders and first attempts of each unit, trained one unit after another."""
         _survive_requeue_race()
         env = submitit.JobEnvironment()
+        if isinstance(run_dir, list):
+            failed = job.execute_task([[Path(d) for d in unit] for unit in run_dir],
+                                      _unit_logs(dict(zip((d for u in run_dir for d in u),
+                                                          (a for u in first_attempt for a in u), strict=True))))
+            return f"{failed} failed"
         if env.num_tasks > 1:
             export_distributed()
         folder = Path(run_dir)
         # Every task of the job computes the same number, without counting the logs its peers are creating.
         attempt = (new_attempt(folder) if first_attempt is None
                    else first_attempt + int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-        (folder / "logs").mkdir(exist_ok=True)
-        files = [folder / "logs" / attempt_log(attempt, suffix, env.global_rank) for suffix in ("out", "err")]
-        rank = f" (rank {env.global_rank} of {env.num_tasks})" if env.num_tasks > 1 else ""
-        print(f"hpt: attempt {attempt} of run {folder.name}{rank} writes to {files[0]} and {files[1]}", flush=True)
-        sys.stderr.flush()
-        for fd, path in zip((1, 2), files, strict=True):
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(out, fd)
-            os.close(out)
+        _to_logs(folder, attempt, env.global_rank, env.num_tasks)
         status = job.execute(folder)
         if env.num_tasks > 1:  # a rank's gloo threads can abort the interpreter's teardown (files.exit_process)
             exit_process(0)
         return status
+
+
+def _to_logs(folder: Path, attempt: int, rank: int = 0, ranks: int = 1) -> None:
+    """This process's stdout and stderr from now on: the run's logs/attempt-N.out and .err (`attempt_log`)."""
+    (folder / "logs").mkdir(exist_ok=True)
+    files = [folder / "logs" / attempt_log(attempt, suffix, rank) for suffix in ("out", "err")]
+    of = f" (rank {rank} of {ranks})" if ranks > 1 else ""
+    print(f"hpt: attempt {attempt} of run {folder.name}{of} writes to {files[0]} and {files[1]}", flush=True)
+    sys.stderr.flush()
+    for fd, path in zip((1, 2), files, strict=True):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+
+
+def _unit_logs(first_attempts: dict[str, int]) -> Callable[[list[Path]], None]:
+    """Before each unit of a task: its output to its first run's attempt logs; each other run of a fused group
+    gets its attempt's .out with a line naming them (attempts count from the submission, as a lone run's)."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+    def before(unit: list[Path]) -> None:
+        attempts = {d: first_attempts[str(d)] + restarts for d in unit}
+        first = unit[0]
+        for d in unit[1:]:
+            (d / "logs").mkdir(exist_ok=True)
+            with open(d / "logs" / attempt_log(attempts[d], "out"), "a") as f:
+                f.write(f"hpt: attempt {attempts[d]}: trained in a fused group of {len(unit)} runs; its output: "
+                        f"{first / 'logs' / attempt_log(attempts[first], 'out')} and .err\n")
+        _to_logs(first, attempts[first])
+
+    return before
 
 
 def export_distributed() -> None:
@@ -449,3 +503,8 @@ def _judge(s: RunState, rec: dict[str, Any], scheduler: dict[str, str] | None, h
         s.state, s.reason = "failed", f"job {rec['job_id']} left the queue without a result"
     else:
         s.state, s.reason, s.active = SLURM_STATES.get(slurm, ("pending", slurm.lower(), True))
+        if rec.get("position", 0) > 0 and hb is None:  # a packed run its task has not reached (yet, or ever)
+            if s.active:
+                s.state, s.reason = "pending", "packed: waits for the runs before it in its task"
+            elif s.state == "failed":  # its task ended first: free to launch again
+                s.state, s.reason = "cancelled", f"its task (job {rec['job_id']}) ended before reaching it"
