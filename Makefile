@@ -29,7 +29,8 @@ lint: install
 	$(BIN)/ruff check hptransfer tests bench examples
 
 demo: install
-	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml
+	# Fused: each width's runs of a preset train as one batched model, 1.35x faster here (bench/sweep_throughput.py).
+	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml launcher.fuse=auto
 	$(BIN)/hpt collect --root demo/runs --out demo/results.parquet
 	$(BIN)/hpt analyze demo/results.parquet --out demo/report
 
@@ -38,6 +39,7 @@ bench: install
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/sweep_throughput.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -274,6 +274,7 @@ def sweep(
       hpt sweep width model.width=64,128,256 'param=choice(sp,mup)' \\
           train.steps=200
       hpt sweep width --retry-failed
+      hpt sweep width launcher.fuse=auto   # runs of one shape: one model
       hpt sweep width --dry-run --json | jq .estimate
       hpt sweep depth --print-config
       hpt sweep examples/char_mlp/sweep.yaml width=32,64 steps=50
@@ -307,14 +308,27 @@ def sweep(
     mixed = views.commit_warning(spec.name, views.commits(records), launching=views.commit_label(git_state()))
     if mixed:
         err_console.print(f"[yellow]hpt: warning:[/yellow] {mixed}", highlight=False)
+    n_jobs = jobs or default_jobs(launcher, local_gpus()) if launcher.name == "local" else None
+    packing = launch.packing_of(launcher, n_jobs)
+
+    def sharing(to_launch: list[str]) -> str | None:  # how the runs share jobs: said before they launch
+        if packing.trivial:
+            return None
+        line = launch.describe_tasks(launch.tasks_for(folder, to_launch, packing, {r.run_id: r.config for r in runs}))
+        return line and (f"sweep '{spec.name}': {line} (launcher.fuse={launcher.fuse}, "
+                         f"launcher.runs_per_task={launcher.runs_per_task})")
+
     if dry_run:
         to_launch = launch.launchable(folder, spec, runs, retry_failed)
         data = views.plan_data(spec, runs, to_launch, launcher.name, _estimate(runs, to_launch, launcher, jobs))
+        shared = sharing(to_launch)
         if as_json:
-            print(json.dumps(data, indent=1, default=str))
+            print(json.dumps({**data, "shared_jobs": shared}, indent=1, default=str))
             return
         out = wide(console)
         out.print(views.plan(data))
+        if shared:
+            out.print(shared, highlight=False)
         if launcher.name == "slurm":
             from hptransfer.sweeps.backends import slurm  # per command, and a local sweep never imports submitit
 
@@ -323,13 +337,8 @@ def sweep(
             out.print(views.slurm_plan(launcher, size, script, len(to_launch), runs), soft_wrap=True)  # no wrap
         return
     launch.prepare(folder, spec, runs)
-    n_jobs = jobs or default_jobs(launcher, local_gpus()) if launcher.name == "local" else None
-    packing = launch.packing_of(launcher, n_jobs)
-    if not packing.trivial and (shared := launch.describe_tasks(launch.tasks_for(
-            folder, launch.launchable(folder, spec, runs, retry_failed),
-            packing, {r.run_id: r.config for r in runs}))):
-        console.print(f"sweep '{spec.name}': {shared} (launcher.fuse={launcher.fuse}, "
-                      f"launcher.runs_per_task={launcher.runs_per_task})", highlight=False)
+    if not packing.trivial and (shared := sharing(launch.launchable(folder, spec, runs, retry_failed))):
+        console.print(shared, highlight=False)
     if launcher.name == "slurm":
         records = launch.submit_slurm(folder, ids, launcher, retry_failed=retry_failed)
         arrays = sorted({r["job_id"].split("_")[0] for r in records})

@@ -166,13 +166,14 @@ def test_a_fused_group_writes_the_folders_unfused_runs_write_and_a_diverged_copy
     assert loop.train_group(dirs, sweep="sw") == results  # finished: never trained again
 
 
-def test_fp32_fused_runs_match_unfused_within_the_stated_tolerance(tmp_path):
-    cfgs = [compose_run([*SMALL, "train.dtype=float32", "param=mup", "train.steps=30", *c]) for c in COPIES]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp32_and_bf16_fused_runs_match_unfused_within_the_stated_tolerance(tmp_path, dtype):
+    cfgs = [compose_run([*SMALL, f"train.dtype={dtype}", "param=mup", "train.steps=30", *c]) for c in COPIES]
     dirs = frozen_dirs(tmp_path / "fused", cfgs)
     loop.train_group(dirs, sweep="sw")
     for c, d in zip(cfgs, dirs, strict=True):
         loop.train(c, tmp_path / "alone" / d.name, progress=False, sweep="sw")
-        assert_same_folders(d, tmp_path / "alone" / d.name, 1e-4)  # docs/performance.md: fp32 within 1e-4
+        assert_same_folders(d, tmp_path / "alone" / d.name, 1e-4)  # docs/performance.md: within 1e-4
 
 
 def job(units: list[list[Path]], log: Path) -> subprocess.Popen:

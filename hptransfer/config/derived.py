@@ -134,8 +134,8 @@ class _Section:
         self.__dict__.update(d)
 
 
-# What runs of one fused group may differ in (docs/design.md#fused-and-packed-tasks): scalars that reach only a copy's own
-# init, optimizer and stopping; every other key (shapes, data, steps, logging, forward multipliers) is shared.
+# What runs of one fused group may differ in (docs/design.md#fused-and-packed-tasks): scalars that reach only a
+# copy's own init, optimizer and stopping; every other key (shapes, data, steps, logging, multipliers) is shared.
 PER_COPY_KEYS = {
     "optim": None,  # every optimizer setting, the optimizer itself
     "init": None,
