@@ -42,11 +42,7 @@ class Group:
     model: GPT
     forward: nn.Module  # `model`, or torch.compile of it
     setups: list[Setup]
-
-    def copy_params(self, n: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(copy n's parameter, the stacked parameter it is a slice of), in the model's order."""
-        own = dict(self.setups[n].model.named_parameters())
-        return [(own[name], p) for name, p in self.model.named_parameters()]
+    slices: list[list[tuple[nn.Parameter, nn.Parameter]]]  # per copy: (its parameter, the stack it slices)
 
 
 def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
@@ -66,7 +62,8 @@ def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
         setups.append(Setup(m, m, specs, build_optimizer(m, specs, cfg), device, amp, cfg.optim.grad_clip,
                             torch.zeros((), dtype=torch.int64, device=device), accum=cfg.train.grad_accum))
     forward = torch.compile(fused_model) if cfgs[0].train.compile else fused_model
-    return Group(fused_model, forward, setups)
+    slices = [[(own[name], p) for name, p in stacked.items()] for own in views]
+    return Group(fused_model, forward, setups, slices)
 
 
 def _repoint(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
@@ -88,7 +85,7 @@ def fused_step(g: Group, xs: torch.Tensor, ys: torch.Tensor, live: list[bool]) -
         total = loss.detach() if total is None else total + loss.detach()
     for n, s in enumerate(g.setups):
         if live[n]:
-            for own, p in g.copy_params(n):
+            for own, p in g.slices[n]:
                 own.grad = p.grad[n] if p.grad is not None else None
             update(s)
     g.model.zero_grad(set_to_none=True)
