@@ -155,6 +155,7 @@ def test_bad_sweeps_are_one_line_errors(tiny, tmp_path):
         (["optim.lr=[0.1"], "bad override"),
         (["launcher=slurm", "launcher.mem_gb=lots"], "launcher.mem_gb"),
         (["launcher=slurm", "+launcher.gpus=2"], "gpus"),
+        (["param=[mup]"], "write param=NAME, or param=A,B"),  # a list where a config group's name goes
     ]:
         assert_one_line_error(cli("sweep", str(tiny), *args, "--dry-run", "--root", str(tmp_path)), needle)
     with pytest.raises(HptError, match="empty grid"):

@@ -231,6 +231,10 @@ def expand(spec: SweepSpec) -> list[Run]:
         return _expand_user(spec)
     keys = [d.key for d in spec.dims]
     group_keys = [k for k in keys if k in GROUPS]
+    for d in spec.dims:
+        if d.key in GROUPS and (bad := next((v for v in d.values if not isinstance(v, str)), None)) is not None:
+            raise HptError(f"config group '{d.key}' takes an option's name, got {bad!r}: write {d.key}=NAME, or "
+                           f"{d.key}=A,B to sweep several")
     typed = [None if d.key in GROUPS else [typed_value(d.key, v) for v in d.values] for d in spec.dims]
     bases: dict[tuple[Any, ...], tuple[dict[str, Any], bool]] = {}
     runs: dict[str, Run] = {}
