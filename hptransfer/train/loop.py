@@ -19,8 +19,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +104,16 @@ def train_folder(run_dir: Path, *, progress: bool = False, in_sweep: bool = True
         cfg = load_yaml(run_dir / "config.yaml")
     except HptError as err:
         return _failed(run_dir, None, err, sweep, world)
-    try:
+    with _exit_on_full_disk():
         return train(cfg, run_dir, progress=progress, sweep=sweep, raise_bad_input=False)
-    except Exception as err:  # a full disk is no result: the job exits DISK_FULL_EXIT, to be resumed later
+
+
+@contextmanager
+def _exit_on_full_disk() -> Iterator[None]:
+    """A full disk is no result: the job exits DISK_FULL_EXIT, to be resumed later."""
+    try:
+        yield
+    except Exception as err:
         if not disk_full(err):
             raise
         with suppress(OSError):
@@ -298,19 +305,13 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
         eff, _ = apply_rules(cfg)
         key = (structure(eff), fusion_key(OmegaConf.to_container(cfg)), str(device))
         ready.setdefault(key, []).append((run_dir, cfg, batches, device))
-    try:
+    with _exit_on_full_disk():
         for group in ready.values():
             if len(group) == 1:
                 run_dir, cfg, _, _ = group[0]
                 results[run_dir] = train(cfg, run_dir, progress=False, sweep=sweep, raise_bad_input=False)
             else:
                 results.update(_train_fused(group, sweep))
-    except Exception as err:  # a full disk is no result: the job exits DISK_FULL_EXIT, to be resumed later
-        if not disk_full(err):
-            raise
-        with suppress(OSError):
-            print(f"hpt: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(DISK_FULL_EXIT) from None
     return [results[Path(d)] for d in run_dirs]
 
 
