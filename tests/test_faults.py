@@ -336,6 +336,25 @@ def test_a_checkpoint_the_disk_cannot_hold_leaves_no_temp_file_and_the_run_resum
         assert temp_files(disk) == []
 
 
+def test_a_fused_group_the_disk_cannot_checkpoint_is_cancelled_whole_and_the_same_command_resumes_it(tiny, tmp_path):
+    with tmpfs(tmp_path / "disk") as disk:
+        root = disk / "runs"
+        args = sweep_args(tiny, root, "model.width=128", "optim.lr=0.004,0.008", "param=sp", "sweep.seeds=[0]",
+                          "train.checkpoint_every=5", "launcher.fuse=2", "-j", "1")
+        line = assert_disk_full_line(hpt(*args), 2)
+        assert "0 runs ended, 2 stopped and recorded cancelled" in line
+        assert temp_files(disk) == [] and not list(root.glob("tiny/*/checkpoint.*"))
+        assert [(r["state"], r["reason"]) for r in status(root).values()] == [("cancelled", "disk full")] * 2
+        logs = [p.read_text() for p in root.glob("tiny/*/logs/attempt-1.log")]
+        assert len(logs) == 2 and all("stopped: disk full; the same command resumes it" in t for t in logs)
+        assert len({r["pid"] for r in records(root / "tiny", "started")}) == 1  # one job trained both
+        assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0
+        res = hpt(*args)
+        assert res.returncode == 0, res.stderr
+        assert {r["state"] for r in status(root).values()} == {"completed"}
+        assert temp_files(disk) == []
+
+
 # ---- 9. files others can read: 0666 and 0777 less the umask ----------------------------------------
 
 

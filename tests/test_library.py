@@ -23,6 +23,7 @@ from torch import nn
 
 from hptransfer.config.compose import compose_run
 from hptransfer.errors import HptError
+from hptransfer.files import exit_process
 from hptransfer.train.model import GPT, build, dims_of
 from hptransfer.train.parameterization import Parameterization, describe, parameterize
 from tests.conftest import REPO, cli
@@ -349,6 +350,7 @@ def fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save({"params": full, "groups": groups}, out)
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # as a job's rank does: gloo's threads can abort the interpreter's teardown (files.py)
 
 
 def test_fsdp2_training_equals_one_process(tmp_path):

@@ -414,7 +414,8 @@ def test_collect_reads_it_all(root, tmp_path):
     assert by_sweep == {"array": ["completed"] * 4, "fail": ["failed"], "requeue": ["cancelled"],
                         "scancel": ["cancelled"], "refused": ["pending"], "example": ["completed"] * 2,
                         "ddp": ["completed"], "ddp-one": ["completed"], "ddp-requeue": ["completed"],
-                        "ddp-whole": ["completed"], "ranks": ["completed"], "target-mup-width32": ["completed"]}
+                        "ddp-whole": ["completed"], "ranks": ["completed"], "target-mup-width32": ["completed"],
+                        "fused": ["completed"] * 6}
     done = [r for r in rows if r["status"] == "completed"]
     assert all(r["curve_loss"] and r["job_id"] for r in done)
     assert all(r["flops"] > 0 for r in done if r["sweep"] not in ("example", "ranks"))  # the user's code reports none
