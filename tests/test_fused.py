@@ -15,7 +15,7 @@ import torch
 
 from hptransfer.config.compose import compose_run
 from hptransfer.config.derived import fused_bytes, fusion_key
-from hptransfer.config.frozen import run_config, run_id, to_yaml
+from hptransfer.config.frozen import load_yaml, run_config, run_id, to_yaml
 from hptransfer.sweeps.tasks import Packing, Task, plan_tasks
 from hptransfer.train import loop
 from hptransfer.train.data import make_batches
@@ -238,21 +238,26 @@ def sweep(tiny: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
     return hpt("sweep", str(tiny), "--root", str(root), "-j", "2", "sweep.axis.values=[32]", "sweep.seeds=[0]", *args)
 
 
+def alone(run_dir: Path, dest: Path) -> Path:
+    """The run of this folder's config.yaml trained alone, here in this process, into dest/<run_id>."""
+    loop.train(load_yaml(run_dir / "config.yaml"), dest / run_dir.name, progress=False, sweep=run_dir.parent.name)
+    return dest / run_dir.name
+
+
 def test_fused_and_packed_local_sweeps_leave_the_folders_an_unfused_sweep_leaves(tiny, tmp_path):
-    plain = sweep(tiny, tmp_path / "plain")
-    assert plain.returncode == 0, plain.stderr
     fused = sweep(tiny, tmp_path / "fused", "launcher.fuse=auto")
     assert fused.returncode == 0, fused.stderr
     assert "fused into" in fused.stdout and "launcher.fuse=auto" in fused.stdout
     packed = sweep(tiny, tmp_path / "packed", "launcher.fuse=3", "launcher.runs_per_task=2")
     assert packed.returncode == 0, packed.stderr
-    ids = sorted(p.name for p in (tmp_path / "plain" / "tiny").iterdir() if (p / "result.json").exists())
-    assert len(ids) == 10
+    ids = sorted(p.name for p in (tmp_path / "fused" / "tiny").iterdir() if (p / "result.json").exists())
+    assert len(ids) == 10 and ids == sorted(p.name for p in (tmp_path / "packed" / "tiny").iterdir()
+                                            if (p / "result.json").exists())
+    for rid in ids:  # each run as it trains alone (an unfused sweep's job trains it so)
+        plain = alone(tmp_path / "fused" / "tiny" / rid, tmp_path / "plain")
+        for other in ("fused", "packed"):
+            assert_same_folders(tmp_path / other / "tiny" / rid, plain, 1e-6)
     for other in ("fused", "packed"):
-        got = sorted(p.name for p in (tmp_path / other / "tiny").iterdir() if (p / "result.json").exists())
-        assert got == ids
-        for rid in ids:
-            assert_same_folders(tmp_path / other / "tiny" / rid, tmp_path / "plain" / "tiny" / rid, 1e-6)
         assert all(s["state"] == "completed" for s in status(tmp_path / other).values())
     started = records(tmp_path / "fused", "started")
     assert len({r["pid"] for r in started}) < len(started) / 2  # runs shared processes
