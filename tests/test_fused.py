@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -259,6 +260,11 @@ def test_fused_and_packed_local_sweeps_leave_the_folders_an_unfused_sweep_leaves
             assert_same_folders(tmp_path / other / "tiny" / rid, plain, 1e-6)
     for other in ("fused", "packed"):
         assert all(s["state"] == "completed" for s in status(tmp_path / other).values())
+        out = tmp_path / f"{other}.parquet"
+        assert hpt("collect", "--root", str(tmp_path / other), "--out", str(out)).returncode == 0
+        sizes = pq.read_table(out, columns=["env.fused"]).column(0).to_pylist()
+        # the size of the group each run trained in: auto, 5 of a preset per slot; 3 at most, split evenly
+        assert sorted(sizes) == ([5] * 10 if other == "fused" else [2] * 4 + [3] * 6), sizes
     started = records(tmp_path / "fused", "started")
     assert len({r["pid"] for r in started}) < len(started) / 2  # runs shared processes
     for rid in ids:  # each run has its attempt log; a fused copy's names the group's

@@ -52,6 +52,7 @@ RESULT_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("prediction.from", pa.string()),
     ("env.torch", pa.string()), ("env.device", pa.string()), ("env.hptransfer", pa.string()),
     ("env.host", pa.string()), ("env.git_commit", pa.string()), ("env.git_dirty", pa.bool_()),
+    ("env.fused", pa.int64()),  # the size of the fused group the run trained in (null: it trained alone)
 ]
 PREDICTION_COLUMNS = [(n.removeprefix("prediction."), t) for n, t in RESULT_COLUMNS if n.startswith("prediction.")]
 CURVE_COLUMNS: list[tuple[str, pa.DataType]] = [("curve_step", pa.list_(pa.int64())),
@@ -204,7 +205,7 @@ def result_row(folder: SweepFolder, s: RunState) -> dict[str, Any]:
         "effective.duration_r": (eff.get("duration_rule") or {}).get("r"),
         "effective.wd_timescale": (eff.get("wd_timescale") or {}).get("fraction"),
         **{f"env.{k}": (r.get("env") or {}).get(k) for k in ("torch", "device", "hptransfer", "host",
-                                                              "git_commit", "git_dirty")},
+                                                              "git_commit", "git_dirty", "fused")},
     }
     if s.state == "failed" and not out["error"]:
         out["error"] = s.reason or None
