@@ -288,12 +288,12 @@ class LocalScheduler:
         try:
             for rid, log in logs.items():
                 log.parent.mkdir(exist_ok=True)
-                # Unbuffered: the job writes to it directly, and closing it never flushes into a full disk.
-                with open(log, "ab", buffering=0) as f:
+                with open(log, "ab") as f:
                     unit = task.units[task.position(rid)]
                     if rid != unit[0]:  # a fused run: the group's output is its first run's
                         f.write(f"[hpt] attempt {attempts[rid]}: trained in a fused group of {len(unit)} runs; "
                                 f"its output: {logs[unit[0]]}\n".encode())
+            # Unbuffered: the job writes to it directly, and closing it never flushes into a full disk.
             slot.log = open(logs[first], "ab", buffering=0)  # noqa: SIM115 (closed in _ended)
         except OSError as err:
             if not disk_full(err):
@@ -339,8 +339,9 @@ class LocalScheduler:
             s.job_id, s.attempts = f"local-{pid}", attempts[s.run_id]
             self.on_event("started", s, self.progress)
 
-    def _ended(self, slot: Slot) -> None:
-        """Record each run of the slot's ended task: its result, or why it has none."""
+    def _ended(self, slot: Slot, stopped: str | None = None) -> None:
+        """Record each run of the slot's ended task: its result, or why it has none (`stopped`: the task was
+        stopped for this reason, and a run without a result is cancelled, to be resumed by the same command)."""
         code = slot.proc.returncode
         task = slot.task
         duration = (time.time() - slot.started) / len(task.run_ids)  # a slot's time per run: what ETAs divide
@@ -349,6 +350,13 @@ class LocalScheduler:
             s, run_dir = self.by_id[rid], self.folder.run_dir(rid)
             remove_strays(run_dir, slot.proc.pid)
             result, why = read_result(run_dir)
+            if result is None and stopped is not None:
+                self._note(slot, rid, f"[hpt] attempt cancelled: {stopped}\n")
+                s.state, s.reason = "cancelled", stopped
+                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
+                                "reason": stopped, "at": now()})
+                self.progress.running.pop(rid, None)
+                continue  # said once for all by whoever stopped the sweep
             # The disk's fault, not the run's (said by the job, or any exit without a result once the disk is
             # known full): cancelled, to be resumed by the same command.
             if result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
@@ -376,7 +384,7 @@ class LocalScheduler:
             self.progress.running.pop(rid, None)
         _close(slot.log)
         self._record(records)
-        ended = [self.by_id[rid] for rid in task.run_ids]
+        ended = [self.by_id[rid] for rid in task.run_ids if not (stopped and self.by_id[rid].state == "cancelled")]
         slot.proc, slot.task, slot.log, slot.logs = None, None, None, {}
         for s in ended:
             self.on_event("ended", s, self.progress)
@@ -393,26 +401,9 @@ class LocalScheduler:
             except subprocess.TimeoutExpired:
                 _signal_group(slot.proc.pid, signal.SIGKILL)
                 slot.proc.wait()
-        cancelled = []
-        for slot in busy:
-            task = slot.task
-            unfinished = []
-            for rid in task.run_ids:
-                remove_strays(self.folder.run_dir(rid), slot.proc.pid)
-                if read_result(self.folder.run_dir(rid))[0] is None:
-                    unfinished.append(rid)
-            if not unfinished:
-                self._ended(slot)  # it finished while being stopped: results, not cancellations
-                continue
-            finished = [rid for rid in task.run_ids if rid not in unfinished]
-            if finished:  # the runs of a packed task that ended before the stop: their results
-                self._record([{"event": "ended", "run_id": rid, "executor": "local", "job_id": self.by_id[rid].job_id,
-                               "returncode": slot.proc.returncode, "ended_at": now()} for rid in finished])
-            for rid in unfinished:
-                self._note(slot, rid, f"[hpt] attempt cancelled: {reason}\n")
-            _close(slot.log)
-            cancelled += unfinished
-        cancelled += [rid for task in self.queue for rid in task.run_ids]
+        for slot in busy:  # a run that finished while being stopped has its result; the others are cancelled
+            self._ended(slot, stopped=reason)
+        cancelled = [rid for task in self.queue for rid in task.run_ids]
         self.queue.clear()
         if self._record([{"event": "cancelled", "run_id": rid, "executor": "local", "reason": reason, "at": now()}
                          for rid in cancelled], last=True):
