@@ -11,13 +11,21 @@ an `eps` only where its tensors' optimizer has an Adam epsilon (spec eps not Non
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from hptransfer.train.param import TensorSpec
+
+
+def with_grads(opt: torch.optim.Optimizer) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(group, parameter) for every parameter of the optimizer that has a gradient: what a step updates."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p
 
 
 class AdamAtan2(torch.optim.Optimizer):
@@ -32,26 +40,23 @@ class AdamAtan2(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        for group in self.param_groups:
+        for group, p in with_grads(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = m / (1 - beta1**t)
-                v_hat = v / (1 - beta2**t)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(torch.atan2(m_hat, group["b"] * v_hat.sqrt()), alpha=-group["lr"] * group["a"])
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            m_hat = m / (1 - beta1**t)
+            v_hat = v / (1 - beta2**t)
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(torch.atan2(m_hat, group["b"] * v_hat.sqrt()), alpha=-group["lr"] * group["a"])
 
 
 class Lion(torch.optim.Optimizer):
@@ -68,16 +73,13 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        for group in self.param_groups:
+        for group, p in with_grads(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                update = torch.sign(m * beta1 + p.grad * (1 - beta1))
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as the paper's
-                p.add_(update, alpha=-group["lr"])
-                m.lerp_(p.grad, 1 - beta2)
+            m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+            update = torch.sign(m * beta1 + p.grad * (1 - beta1))
+            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as the paper's
+            p.add_(update, alpha=-group["lr"])
+            m.lerp_(p.grad, 1 - beta2)
 
 
 class SGDW(torch.optim.SGD):
