@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +156,19 @@ def _heartbeat(run_dir: Path, world: World, step: int | None, **extra: str) -> N
                                        "time": time.time(), **extra})
 
 
-def _checked(cfg: DictConfig, processes: int, *, scan_tokens: bool) -> tuple[Batches, torch.device]:
+def _checked(cfg: DictConfig, processes: int, *, scan_tokens: bool, loaded: dict[str, Batches] | None = None
+             ) -> tuple[Batches, torch.device]:
     """What a run is checked for before anything is written: its data, its device, the split of its batch over
-    `processes` x train.grad_accum micro-batches. An HptError naming the problem."""
-    batches, device = make_batches(cfg, scan_tokens=scan_tokens), pick_device(cfg)
+    `processes` x train.grad_accum micro-batches. An HptError naming the problem. `loaded`: the batches of data
+    sets already loaded (a fused job's runs share one load), by data config and batch shape."""
+    key = repr((OmegaConf.to_container(cfg.data), cfg.train.batch_size, cfg.train.seq_len))
+    if loaded is not None and key in loaded:
+        batches = replace(loaded[key], seed=cfg.train.seed)
+    else:
+        batches = make_batches(cfg, scan_tokens=scan_tokens)
+        if loaded is not None:
+            loaded[key] = batches
+    device = pick_device(cfg)
     check_processes(cfg.train, processes)
     return batches, device
 
@@ -292,13 +301,14 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
 
     results: dict[Path, dict[str, Any]] = {}
     ready: dict[tuple, list[tuple[Path, DictConfig, Batches, torch.device]]] = {}
+    loaded: dict[str, Batches] = {}
     for run_dir in map(Path, run_dirs):
         try:
             cfg = load_yaml(run_dir / "config.yaml")
             if (cached := _cached(cfg, run_dir)) is not None:
                 results[run_dir] = cached
                 continue
-            batches, device = _checked(cfg, 1, scan_tokens=False)
+            batches, device = _checked(cfg, 1, scan_tokens=False, loaded=loaded)
         except HptError as err:
             results[run_dir] = _failed(run_dir, None, err, sweep, SINGLE)
             continue
@@ -325,9 +335,6 @@ def _train_fused(group: list[tuple[Path, DictConfig, Batches, torch.device]], sw
     members: list[Member] = []
     results: dict[Path, dict[str, Any]] = {}
     try:
-        for run_dir, cfg, _, _ in group:
-            if not (frozen := run_dir / "config.yaml").exists():
-                write_atomic(frozen, to_yaml(cfg))
         rules = [apply_rules(cfg) for _, cfg, _, _ in group]
         g = fuse([eff for eff, _ in rules], device)
         members = [_member(cfg, run_dir, run_id(cfg), batches, tr, sweep, eff, effective, s)
