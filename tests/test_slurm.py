@@ -219,6 +219,14 @@ def wait_for_file(path: Path, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def wait_job_gone(job_id: str, timeout: float = 120) -> None:
+    """Until SLURM no longer lists the job: a run is completed at rank 0's result.json, its other ranks later."""
+    deadline = time.time() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, f"job {job_id} still queued after {timeout} s"
+        time.sleep(0.5)
+
+
 def rank_logs(run_dir: Path, attempt: int) -> list[str]:
     """The log files every rank of a 2-task job writes for an attempt."""
     return [attempt_log(attempt, suffix, rank) for rank in (0, 1) for suffix in ("out", "err")]
@@ -227,6 +235,7 @@ def rank_logs(run_dir: Path, attempt: int) -> list[str]:
 def test_a_distributed_run_gives_the_one_process_result_and_every_rank_leaves_its_traces(root):
     (ddp,) = wait_states(root, "ddp", {"completed"}).values()
     (one,) = wait_states(root, "ddp-one", {"completed"}).values()
+    wait_job_gone(ddp["job_id"])  # rank 1's last heartbeat may follow rank 0's result
     assert ddp["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-6)
     run_dir = root / "ddp" / ddp["run_id"]
     assert json.loads((run_dir / "result.json").read_text())["env"]["processes"] == 2
@@ -256,6 +265,7 @@ def test_a_distributed_run_signalled_to_requeue_restarts_every_rank_from_its_che
 
 def test_each_task_of_a_distributed_job_gets_its_rank_and_writes_its_own_logs(root):
     (run,) = wait_states(root, "ranks", {"completed"}).values()
+    wait_job_gone(run["job_id"])  # rank 1 may still be printing when rank 0's result makes the run completed
     logs = root / "ranks" / run["run_id"] / "logs"
     assert {p.name for p in logs.iterdir()} == set(rank_logs(logs.parent, 1)) and run["attempts"] == 1
     assert json.loads((logs.parent / "result.json").read_text())["final_val_loss"] == 1.0  # rank 0's
