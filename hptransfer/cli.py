@@ -54,7 +54,7 @@ app = typer.Typer(
     "parameterizations, collect the final losses, and measure how well the optimum transfers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=True,  # --install-completion, --show-completion [bash|zsh|fish|powershell]
+    add_completion=True,  # --install-completion, --show-completion: for the shell hpt was started from
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Out()

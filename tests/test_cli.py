@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -251,8 +252,11 @@ def test_report_columns_say_which_loss_is_fitted_and_which_measured(flat_analysi
 def test_version_and_shell_completion():
     res = cli("--version")
     assert res.returncode == 0 and res.stdout.startswith(f"hpt {hpt_cli.__version__}")
-    res = cli("--show-completion", "bash")
-    assert res.returncode == 0 and "_hpt_completion" in res.stdout and "complete " in res.stdout
+    # The shell is detected from the parent processes (Typer's shellingham): hpt runs as a child of bash (the
+    # `exit` after it keeps bash from exec'ing it in its place).
+    res = subprocess.run(["bash", "-c", f"{shlex.quote(HPT)} --show-completion; exit $?"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "_hpt_completion" in res.stdout and "complete " in res.stdout, res.stderr
 
 
 def test_print_config_prints_the_composed_yaml_and_exits(tmp_path):
