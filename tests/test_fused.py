@@ -20,7 +20,7 @@ from hptransfer.config.frozen import load_yaml, run_config, run_id, to_yaml
 from hptransfer.sweeps.tasks import Packing, Task, plan_tasks
 from hptransfer.train import loop
 from hptransfer.train.data import make_batches
-from hptransfer.train.fused import fuse, fused_evaluate, fused_step, structure
+from hptransfer.train.fused import fuse, fused_evaluate, fused_step
 from hptransfer.train.optim import lr_factor, set_lr
 from hptransfer.train.step import evaluate, setup, train_step
 from tests.conftest import assert_one_line_error, cli, hpt
@@ -40,8 +40,25 @@ COPIES = [
 ]
 
 
+# Copies whose forwards differ too: the preset, per-class output multipliers, the residual multiplier (CompleteP
+# at twice its base depth) and the attention scale (muP's 1/d_head off its base head size, SP's 1/sqrt(d_head),
+# muP at its base width); two share muP's scale. Two heads: the head size grows with width.
+MIXED = [
+    ["param=sp", "optim.lr=0.01"],
+    ["param=mup", "optim.lr=0.003", "train.seed=1", "param.out_mult.R=2.0"],
+    ["param=completep", "optim.lr=0.03", "param.out_mult.E=0.5"],
+    ["param=mup", "optim.lr=0.01", "param.base_width=64"],
+    ["param=mup", "optim.lr=0.02", "optim=lion"],
+]
+
+
 def configs(*common: str) -> list:
     return [compose_run([*SMALL, *common, *c]) for c in COPIES]
+
+
+def mixed(*common: str) -> list:
+    two_heads = [*(o for o in SMALL if not o.startswith("model.head_dim")), "model.head_dim=null", "model.n_heads=2"]
+    return [compose_run([*two_heads, *common, *c]) for c in MIXED]
 
 
 def unfused_curve(cfg, steps: int) -> list[float]:  # noqa: ANN001
@@ -87,13 +104,26 @@ def test_a_fused_group_trains_each_copy_as_it_trains_alone_under_every_optimizer
     assert max_diff(fused_curves(cfgs, 6), [unfused_curve(c, 6) for c in cfgs]) < 1e-6
 
 
-def test_only_runs_of_one_shape_and_forward_share_a_model():
-    sp, mup = compose_run([*SMALL, "param=sp"]), compose_run([*SMALL, "param=mup"])
-    assert structure(sp) != structure(mup)  # width 64 over base 32: muP's multipliers differ from SP's
-    assert structure(compose_run([*SMALL, "param=mup", "optim.lr=1", "train.seed=3"])) == structure(mup)
+def test_copies_whose_forwards_differ_keep_their_own_multipliers_and_train_as_they_train_alone():
+    cfgs = mixed("train.grad_accum=2", "model.pos=learned")
+    assert len({fusion_key(run_config(c)) for c in cfgs}) == 1
+    g = fuse(cfgs, CPU)
+    # per copy what the copies do not share (else it would not be tested), a constant what they share
+    assert isinstance(g.model.lm_head.mult, torch.Tensor) and g.model.lm_head.mult.tolist()[1] == 2.0 * \
+        g.model.lm_head.mult.tolist()[4]
+    assert isinstance(g.model.emb_mult, torch.Tensor) and isinstance(g.model.pos_mult, torch.Tensor)
+    assert isinstance(g.model.blocks[0].res_mult, torch.Tensor) and g.model.blocks[0].res_mult.tolist()[2] == 0.5
+    scales = g.model.blocks[0].attn.scale
+    assert isinstance(scales, tuple) and scales[1] == scales[2] == scales[4] != scales[0]  # muP's 1/d_head, SP's
+    assert max_diff(fused_curves(cfgs, 6), [unfused_curve(c, 6) for c in cfgs]) < 1e-6
+
+
+def test_only_runs_of_one_shape_share_a_model():
+    mup = compose_run([*SMALL, "param=mup"])
     key = fusion_key(run_config(mup))
-    assert key is not None and key == fusion_key(run_config(compose_run([*SMALL, "param=mup", "optim=lion",
-                                                                         "optim.lr=1", "train.seed=3"])))
+    assert key is not None and key == fusion_key(run_config(compose_run([*SMALL, "param=sp", "optim=lion",
+                                                                         "param.out_mult.R=4", "optim.lr=1",
+                                                                         "train.seed=3"])))
     for other in ("model.width=128", "train.steps=50", "train.batch_size=8", "train.log_every=5", "data.val_frac=0.1"):
         assert fusion_key(run_config(compose_run([*SMALL, "param=mup", other]))) != key, other
     assert fusion_key({**run_config(mup), "run": {"target": "m:f"}}) is None  # the user's code trains alone
@@ -109,9 +139,10 @@ def test_tasks_fuse_by_key_split_evenly_and_pack_units():
     assert plan_tasks(ids, cfgs, Packing()) == [Task(((rid,),)) for rid in ids]
     tasks = plan_tasks(ids, cfgs, Packing(fuse=4))
     units = [u for t in tasks for u in t.units]
-    assert sorted(map(len, units)) == [3, 3, 3, 3, 4, 4, 4, 4]  # 7 runs of each (width, preset): 4 + 3
-    for u in units:
-        assert len({(cfgs[r]["model"]["width"], cfgs[r]["param"]["name"]) for r in u}) == 1
+    assert sorted(map(len, units)) == [3, 3, 3, 3, 4, 4, 4, 4]  # 14 runs of each width (both presets): 4+4+3+3
+    assert all(len({cfgs[r]["model"]["width"] for r in u}) == 1 for u in units)
+    whole = [u for t in plan_tasks(ids, cfgs, Packing(fuse=14)) for u in t.units]
+    assert [len({cfgs[r]["param"]["name"] for r in u}) for u in whole] == [2, 2]  # the presets share a model
     assert sorted(rid for t in tasks for rid in t.run_ids) == sorted(ids)
     packed = plan_tasks(ids, cfgs, Packing(fuse=1, runs_per_task=5))
     assert [len(t.units) for t in packed] == [5, 5, 5, 5, 5, 3] and all(len(u) == 1 for t in packed for u in t.units)
@@ -119,7 +150,8 @@ def test_tasks_fuse_by_key_split_evenly_and_pack_units():
     # auto: the memory budget bounds the copies, and no slot is left without a group
     one = fused_bytes(cfgs[ids[0]])
     assert max(map(len, (u for t in plan_tasks(ids, cfgs, Packing(None, 1, 3 * one, None)) for u in t.units))) == 3
-    assert len(plan_tasks(ids[:7], cfgs, Packing(None, 1, None, 2))) == 2
+    assert len(plan_tasks(ids[:7], cfgs, Packing(None, 1, None, 2))) == 4  # 2 slots: 3 groups each at most
+    assert len(plan_tasks(ids[:7], cfgs, Packing(None, 1, None, 1))) == 1  # one slot: one group
 
 
 def frozen_dirs(root: Path, cfgs: list) -> list[Path]:
@@ -169,7 +201,7 @@ def test_a_fused_group_writes_the_folders_unfused_runs_write_and_a_diverged_copy
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fp32_and_bf16_fused_runs_match_unfused_within_the_stated_tolerance(tmp_path, dtype):
-    cfgs = [compose_run([*SMALL, f"train.dtype={dtype}", "param=mup", "train.steps=30", *c]) for c in COPIES]
+    cfgs = mixed(f"train.dtype={dtype}", "train.steps=30")  # forwards that differ: multipliers per copy too
     dirs = frozen_dirs(tmp_path / "fused", cfgs)
     loop.train_group(dirs, sweep="sw")
     for c, d in zip(cfgs, dirs, strict=True):
@@ -178,10 +210,8 @@ def test_fp32_and_bf16_fused_runs_match_unfused_within_the_stated_tolerance(tmp_
 
 
 def test_a_compiled_fused_group_trains_as_the_eager_one():
-    cfgs = [compose_run([*SMALL, "train.dtype=float32", "param=mup", *c]) for c in COPIES]
-    eager = fused_curves(cfgs, 3)
-    compiled = fused_curves([compose_run([*SMALL, "train.dtype=float32", "param=mup", "train.compile=true", *c])
-                             for c in COPIES], 3)
+    eager = fused_curves(mixed("train.dtype=float32"), 3)
+    compiled = fused_curves(mixed("train.dtype=float32", "train.compile=true"), 3)
     assert max_diff(eager, compiled) < 1e-4
 
 
@@ -272,10 +302,11 @@ def test_fused_and_packed_local_sweeps_leave_the_folders_an_unfused_sweep_leaves
         out = tmp_path / f"{other}.parquet"
         assert hpt("collect", "--root", str(tmp_path / other), "--out", str(out)).returncode == 0
         sizes = pq.read_table(out, columns=["env.fused"]).column(0).to_pylist()
-        # the size of the group each run trained in: auto, 5 of a preset per slot; 3 at most, split evenly
-        assert sorted(sizes) == ([5] * 10 if other == "fused" else [2] * 4 + [3] * 6), sizes
+        # the size of the group each run trained in: auto, 10 runs of one shape (SP and muP together) on 2
+        # slots, about 3 groups each: 5 groups of 2; 3 at most, split evenly
+        assert sorted(sizes) == ([2] * 10 if other == "fused" else [2] * 4 + [3] * 6), sizes
     started = records(tmp_path / "fused", "started")
-    assert len({r["pid"] for r in started}) < len(started) / 2  # runs shared processes
+    assert len({r["pid"] for r in started}) == len(started) / 2  # runs shared processes, two to one
     for rid in ids:  # each run has its attempt log; a fused copy's names the group's
         assert (tmp_path / "fused" / "tiny" / rid / "logs" / "attempt-1.log").exists()
 

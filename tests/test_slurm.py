@@ -108,7 +108,7 @@ def submitted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # a GPU asked of a node without CUDA: passes submission (a login node has none either), fails in the job
         "fail": ["optim.lr=0.004", "param=sp", "train.device=cuda"],
         "scancel": ENDLESS,
-        # one array task: two fused groups of three (SP's and muP's), one after the other
+        # one array task: two fused groups of three (SP and muP copies side by side), one after the other
         "fused": [*FUSED, "launcher.fuse=3", "launcher.runs_per_task=2"],
     }
     with ThreadPoolExecutor(1) as pool:

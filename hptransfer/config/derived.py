@@ -135,13 +135,14 @@ class _Section:
 
 
 # What runs of one fused group may differ in (docs/design.md#fused-and-packed-tasks): scalars that reach only a
-# copy's own init, optimizer and stopping; every other key (shapes, data, steps, logging, multipliers) is shared.
+# copy's own init, optimizer, forward constants and stopping; every other key (shapes, data, steps, logging) is
+# shared.
 PER_COPY_KEYS = {
     "optim": None,  # every optimizer setting, the optimizer itself
     "init": None,
     "scaling": None,  # the batch and duration rules change optimizer settings only
     "train": ("seed", "diverge_factor"),
-    "param": ("lr_mult", "init_mult", "zero_query", "zero_readout", "alignment"),
+    "param": None,  # the parameterization: init, LR and forward constants, each copy its own (train/fused.py)
 }
 
 

@@ -4,9 +4,9 @@ A task is what one job (a local process, a SLURM array task) executes, in order:
 fused group (several runs of one shape trained as one batched model, train/fused.py). `launcher.fuse: K`
 puts up to K runs of one fusion key (config/derived.py `fusion_key`: the same shapes, data, steps and
 logging) in a unit, split evenly (14 runs at K=8: two groups of 7); `auto` as many as the memory budget holds
-(`fused_bytes` per copy), at most FUSE_MAX and no more than keep every slot busy. `launcher.runs_per_task: N`
-puts N units one after another in a task: one interpreter start, data load and (on a GPU) CUDA context for
-all of them, each unit still its own folders, state and result.
+(`fused_bytes` per copy), at most FUSE_MAX, and small enough that each of several slots gets about BALANCE.
+`launcher.runs_per_task: N` puts N units one after another in a task: one interpreter start, data load and (on a
+GPU) CUDA context for all of them, each unit still its own folders, state and result.
 """
 
 import math
@@ -17,6 +17,10 @@ from typing import Any
 from hptransfer.config.derived import fused_bytes, fusion_key
 
 FUSE_MAX = 64  # copies of one fused group at most (launcher.fuse=auto)
+# Groups per slot (launcher.fuse=auto, several local slots): a sweep's groups differ in cost (its widths), so
+# with a few groups each, a slot that ends early takes more and the slots end together (runs come largest
+# first). On CPUs, where a step's compute is the cost, a larger group would not be faster.
+BALANCE = 3
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,9 @@ def plan_tasks(run_ids: list[str], configs: Mapping[str, Mapping[str, Any]], pac
 
 def group_size(cfg: Mapping[str, Any], packing: Packing, n: int, total: int) -> int:
     """Copies per fused group of runs like `cfg` (n of them, of `total` runs): launcher.fuse, or auto: as many as
-    the budget holds, at most FUSE_MAX, and few enough that `slots` jobs all have a group."""
+    the budget holds, at most FUSE_MAX, and few enough that several `slots` get BALANCE groups each."""
     if packing.fuse is not None:
         return max(1, min(packing.fuse, n))
     fit = FUSE_MAX if packing.budget is None else packing.budget // fused_bytes(cfg)
-    busy = math.ceil(total / packing.slots) if packing.slots else FUSE_MAX
+    busy = math.ceil(total / (packing.slots * (BALANCE if packing.slots > 1 else 1))) if packing.slots else FUSE_MAX
     return max(1, min(fit, FUSE_MAX, busy, n))

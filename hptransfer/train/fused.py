@@ -1,9 +1,10 @@
 """Fused runs: a group of runs of one shape trained as one batched model in one process
 (docs/design.md#fused-and-packed-tasks).
 
-Runs that share every shape and differ only in scalars (learning rate, decay, betas, epsilon, seed, init and LR
-constants, even the optimizer) are N copies of one GPT. The group's model holds every weight stacked,
-(N, *shape), and model.py's layers batch the copies' matmuls. Each copy keeps the module an unfused run builds
+Runs that share every shape and differ only in scalars (learning rate, decay, betas, epsilon, seed, init, LR and
+forward constants, even the optimizer or the parameterization) are N copies of one GPT. The group's model holds
+every weight stacked, (N, *shape), and model.py's layers batch the copies' matmuls; a forward multiplier, residual
+multiplier or attention scale the copies do not share is kept per copy. Each copy keeps the module an unfused run builds
 (`Setup.model`, seeded and initialised by `step.built`), whose parameters become views of its slice of the
 stack, and its own optimizer, built on those views exactly as an unfused run's: so its init, optimizer,
 schedule, clipping, decay and checkpoint are the unfused run's, and a step differs from it only in the order
@@ -20,18 +21,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from hptransfer.train.data import Batches
-from hptransfer.train.model import GPT, dims_of, param_specs
+from hptransfer.train.model import GPT
 from hptransfer.train.optim import build_optimizer
-from hptransfer.train.param import attention_scale, residual_mult, uses_mup_attention
 from hptransfer.train.step import Setup, autocast, built, loss_of, update
 
-
-def structure(cfg: DictConfig) -> tuple:
-    """What the copies of one batched model must share beyond the config's fusion key (config/derived.py): the
-    forward multipliers, attention scale and residual multiplier the parameterization gives this config."""
-    d, base = dims_of(cfg), dims_of(cfg, width=cfg.param.base_width, n_layers=cfg.param.base_depth)
-    mults = tuple(sorted((n, s.fwd_mult) for n, s in param_specs(cfg).items()))
-    return d, mults, attention_scale(uses_mup_attention(cfg), d.head_dim, base.head_dim), residual_mult(cfg)
+# The model's forward constants (model.py): a Linear's multiplier, the embeddings', a block's residual
+# multiplier, an attention scale.
+FORWARD_SCALARS = ("mult", "emb_mult", "pos_mult", "res_mult", "scale")
 
 
 @dataclass
@@ -46,7 +42,7 @@ class Group:
 
 
 def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
-    """The group of these effective configs (one `structure`, one fusion key): each copy built and
+    """The group of these effective configs (one fusion key: the same shapes): each copy built and
     initialised as its unfused run, its weights stacked into one model, its optimizer built on views."""
     copies = [built(c, device) for c in cfgs]
     amp = copies[0][2]
@@ -55,6 +51,7 @@ def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
     stacked = {name: nn.Parameter(torch.stack([dict(m.named_parameters())[name].detach() for m, _, _ in copies]))
                for name, _ in fused_model.named_parameters()}
     _repoint(fused_model, stacked)
+    _forward_scalars(fused_model, [m for m, _, _ in copies], device)
     views = [{name: nn.Parameter(p.detach()[n]) for name, p in stacked.items()} for n in range(len(copies))]
     setups = []
     for (m, specs, _), own, cfg in zip(copies, views, cfgs, strict=True):
@@ -64,6 +61,18 @@ def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
     forward = torch.compile(fused_model) if cfgs[0].train.compile else fused_model
     slices = [[(own[name], p) for name, p in stacked.items()] for own in views]
     return Group(fused_model, forward, setups, slices)
+
+
+def _forward_scalars(fused: nn.Module, copies: list[nn.Module], device: torch.device) -> None:
+    """Each forward constant the copies do not share becomes theirs per copy: (N,) float64 on the device (an
+    attention scale: a tuple, as attention takes a float)."""
+    for name, module in fused.named_modules():
+        for attr in FORWARD_SCALARS:
+            if attr in vars(module):
+                values = [vars(c.get_submodule(name))[attr] for c in copies]
+                if len(set(values)) > 1:
+                    setattr(module, attr, tuple(values) if attr == "scale" else
+                            torch.tensor(values, dtype=torch.float64, device=device))
 
 
 def _repoint(model: nn.Module, params: dict[str, nn.Parameter]) -> None:

@@ -294,11 +294,9 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
     Never raises for a bad run.
 
     A finished run is not trained again; a run whose config or data is bad gets its failed result alone;
-    the rest train in groups of one `fused.structure` (a run alone in its group trains unfused). A crash in a
+    the rest train in groups of one fusion key and device (a run alone in its group trains unfused). A crash in a
     group's training is every member's failed result; a full disk stops the job (DISK_FULL_EXIT), to resume later.
     """
-    from hptransfer.train.fused import structure  # here: what only a fused job needs
-
     results: dict[Path, dict[str, Any]] = {}
     ready: dict[tuple, list[tuple[Path, DictConfig, Batches, torch.device]]] = {}
     loaded: dict[str, Batches] = {}
@@ -312,8 +310,7 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
         except HptError as err:
             results[run_dir] = _failed(run_dir, None, err, sweep, SINGLE)
             continue
-        eff, _ = apply_rules(cfg)
-        key = (structure(eff), fusion_key(OmegaConf.to_container(cfg)), str(device))
+        key = (fusion_key(OmegaConf.to_container(cfg)), str(device))
         ready.setdefault(key, []).append((run_dir, cfg, batches, device))
     with _exit_on_full_disk():
         for group in ready.values():
@@ -327,7 +324,7 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
 
 def _train_fused(group: list[tuple[Path, DictConfig, Batches, torch.device]], sweep: str | None
                  ) -> dict[Path, dict[str, Any]]:
-    """Train one fused group (configs of one structure and fusion key, checked) into its members' folders."""
+    """Train one fused group (configs of one fusion key, checked) into its members' folders."""
     from hptransfer.train.fused import fuse, fused_evaluate, fused_step  # here: what only a fused job needs
 
     device = group[0][3]

@@ -53,13 +53,25 @@ def per_copy(w: torch.Tensor, x: torch.Tensor, dims: int) -> torch.Tensor:
     return w if w.dim() == dims else w.view(w.shape[0], *[1] * (x.dim() - dims - 1), *w.shape[1:])
 
 
+Mult = float | torch.Tensor  # a forward multiplier: a constant, or in a fused group one per copy, (N,)
+
+
+def scaled(y: torch.Tensor, mult: Mult) -> torch.Tensor:
+    """y times a forward multiplier; per copy, along y's leading copy dimension and computed as a constant is
+    (in fp32 for bf16 or fp32 y, rounded to y's dtype), so each copy's product is its unfused run's."""
+    if isinstance(mult, torch.Tensor):
+        m = mult.to(torch.promote_types(y.dtype, torch.float32)).view(-1, *[1] * (y.dim() - 1))
+        return (y * m).to(y.dtype)
+    return y if mult == 1.0 else y * mult
+
+
 class Linear(nn.Module):
     """Bias-free linear map y = mult * x W^T; `mult` is a constant, so torch.compile folds it."""
 
     def __init__(self, fan_in: int, fan_out: int, mult: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
-        self.mult = float(mult)
+        self.mult: Mult = float(mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -67,7 +79,7 @@ class Linear(nn.Module):
             y = F.linear(x, w)
         else:  # stacked (N, out, in), x (N, *, in): one batched matmul over the copies
             y = torch.bmm(x.flatten(1, -2), w.mT).view(*x.shape[:-1], w.shape[1])
-        return y if self.mult == 1.0 else y * self.mult
+        return scaled(y, self.mult)
 
 
 class Embedding(nn.Embedding):
@@ -107,7 +119,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, d: Dims, mults: dict[str, float], scale: float):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim, self.scale = d.n_heads, d.n_kv_heads, d.head_dim, scale
+        self.n_head, self.n_kv, self.head_dim = d.n_heads, d.n_kv_heads, d.head_dim
+        self.scale: float | tuple[float, ...] = scale  # in a fused group of several scales: one per copy
         self.q = Linear(d.width, d.n_heads * d.head_dim, mults.get("q", 1.0))
         self.k = Linear(d.width, d.n_kv_heads * d.head_dim, mults.get("k", 1.0))
         self.v = Linear(d.width, d.n_kv_heads * d.head_dim, mults.get("v", 1.0))
@@ -120,10 +133,25 @@ class Attention(nn.Module):
         v = self.v(x).reshape(-1, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_head
-        )  # (B, H, T, D)
+        y = self.attend(q, k, v)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(*lead, T, self.n_head * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention at `scale`; copies of different scales (N x B sequences, copy n's B together)
+        attend apart, each scale's copies in one call, so each copy's result is its unfused run's."""
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=self.n_kv != self.n_head)
+
+        if not isinstance(self.scale, tuple):
+            return sdpa(q, k, v, self.scale)
+        n = len(self.scale)
+        qs, ks, vs = (t.view(n, -1, *t.shape[1:]) for t in (q, k, v))  # (N, B, H, T, D)
+        y = torch.empty_like(qs)
+        for scale in sorted(set(self.scale)):
+            idx = torch.tensor([i for i, s in enumerate(self.scale) if s == scale], device=q.device)
+            y[idx] = sdpa(*(t[idx].flatten(0, 1) for t in (qs, ks, vs)), scale).view(len(idx), *qs.shape[1:])
+        return y.flatten(0, 1)
 
 
 class MLP(nn.Module):
@@ -142,15 +170,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, d: Dims, mults: dict[str, float], attn_scale: float, res_mult: float):
         super().__init__()
-        self.res_mult = res_mult
+        self.res_mult: Mult = res_mult
         self.norm1 = RMSNorm(d.width, d.norm_gains)
         self.attn = Attention(d, {k[5:]: v for k, v in mults.items() if k.startswith("attn.")}, attn_scale)
         self.norm2 = RMSNorm(d.width, d.norm_gains)
         self.mlp = MLP(d, {k[4:]: v for k, v in mults.items() if k.startswith("mlp.")})
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.res_mult * self.attn(self.norm1(x), rope)
-        return x + self.res_mult * self.mlp(self.norm2(x))
+        x = x + scaled(self.attn(self.norm1(x), rope), self.res_mult)
+        return x + scaled(self.mlp(self.norm2(x)), self.res_mult)
 
 
 class GPT(nn.Module):
@@ -163,8 +191,8 @@ class GPT(nn.Module):
         self.dims = d
         self.tok_emb = Embedding(d.vocab, d.width)
         self.pos_emb = Embedding(d.max_seq_len, d.width) if d.pos == "learned" else None
-        self.emb_mult = mults.get("tok_emb", 1.0)
-        self.pos_mult = mults.get("pos_emb", 1.0)
+        self.emb_mult: Mult = mults.get("tok_emb", 1.0)
+        self.pos_mult: Mult = mults.get("pos_emb", 1.0)
         scale = 1.0 / math.sqrt(d.head_dim) if attn_scale is None else attn_scale
         self.blocks = nn.ModuleList(
             Block(d, {k[len(f"blocks.{i}."):]: v for k, v in mults.items() if k.startswith(f"blocks.{i}.")},
@@ -181,9 +209,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, V); fused, (N, B, T) -> (N, B, T, V)."""
         T = idx.shape[-1]
-        x = self.tok_emb(idx) * self.emb_mult               # (B, T, C)
+        x = scaled(self.tok_emb(idx), self.emb_mult)                      # (B, T, C)
         if self.pos_emb is not None:
-            x = x + per_copy(self.pos_emb.weight[..., :T, :], x, 2) * self.pos_mult
+            x = x + scaled(per_copy(self.pos_emb.weight[..., :T, :], x, 2), self.pos_mult)
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.dims.pos == "rope" else None
         for block in self.blocks:
             x = block(x, rope)
