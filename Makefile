@@ -33,7 +33,8 @@ lint: install
 	$(BIN)/ruff check hptransfer tests bench examples
 
 demo: install
-	# Fused: each width's runs of a preset train as one batched model, 1.35x faster here (bench/sweep_throughput.py).
+	# Fused: each width's runs train as batched models (SP and muP copies side by side), 1.37x faster here
+	# (bench/sweep_throughput.py).
 	HPT_ROOT=demo/runs $(BIN)/hpt sweep conf/width.yaml launcher.fuse=auto
 	$(BIN)/hpt collect --root demo/runs --out demo/results.parquet
 	$(BIN)/hpt analyze demo/results.parquet --out demo/report
