@@ -91,5 +91,6 @@ def group_size(cfg: Mapping[str, Any], packing: Packing, n: int, total: int) -> 
     if packing.fuse is not None:
         return max(1, min(packing.fuse, n))
     fit = FUSE_MAX if packing.budget is None else packing.budget // fused_bytes(cfg)
-    busy = math.ceil(total / (packing.slots * (BALANCE if packing.slots > 1 else 1))) if packing.slots else FUSE_MAX
+    groups = (packing.slots or 0) * (BALANCE if (packing.slots or 0) > 1 else 1)  # 0: no bound by slots
+    busy = math.ceil(total / groups) if groups else FUSE_MAX
     return max(1, min(fit, FUSE_MAX, busy, n))

@@ -64,15 +64,18 @@ def fuse(cfgs: list[DictConfig], device: torch.device) -> Group:
 
 
 def _forward_scalars(fused: nn.Module, copies: list[nn.Module], device: torch.device) -> None:
-    """Each forward constant the copies do not share becomes theirs per copy: (N,) float64 on the device (an
-    attention scale: a tuple, as attention takes a float)."""
+    """Each forward constant the copies do not share becomes theirs per copy: (N,) on the device in the
+    parameters' dtype (an attention scale: each scale's copies, as attention takes a float)."""
+    dtype = next(fused.parameters()).dtype
     for name, module in fused.named_modules():
         for attr in FORWARD_SCALARS:
             if attr in vars(module):
                 values = [vars(c.get_submodule(name))[attr] for c in copies]
-                if len(set(values)) > 1:
-                    setattr(module, attr, tuple(values) if attr == "scale" else
-                            torch.tensor(values, dtype=torch.float64, device=device))
+                if len(set(values)) == 1:
+                    continue
+                setattr(module, attr, {v: torch.tensor([i for i, w in enumerate(values) if w == v], device=device)
+                                       for v in sorted(set(values))} if attr == "scale" else
+                        torch.tensor(values, dtype=dtype, device=device))
 
 
 def _repoint(model: nn.Module, params: dict[str, nn.Parameter]) -> None:

@@ -161,13 +161,14 @@ def _checked(cfg: DictConfig, processes: int, *, scan_tokens: bool, loaded: dict
     """What a run is checked for before anything is written: its data, its device, the split of its batch over
     `processes` x train.grad_accum micro-batches. An HptError naming the problem. `loaded`: the batches of data
     sets already loaded (a fused job's runs share one load), by data config and batch shape."""
-    key = repr((OmegaConf.to_container(cfg.data), cfg.train.batch_size, cfg.train.seq_len))
-    if loaded is not None and key in loaded:
-        batches = replace(loaded[key], seed=cfg.train.seed)
-    else:
+    if loaded is None:
         batches = make_batches(cfg, scan_tokens=scan_tokens)
-        if loaded is not None:
-            loaded[key] = batches
+    else:
+        key = repr((OmegaConf.to_container(cfg.data), cfg.train.batch_size, cfg.train.seq_len))
+        if key in loaded:
+            batches = replace(loaded[key], seed=cfg.train.seed)
+        else:
+            batches = loaded[key] = make_batches(cfg, scan_tokens=scan_tokens)
     device = pick_device(cfg)
     check_processes(cfg.train, processes)
     return batches, device
@@ -294,11 +295,11 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
     Never raises for a bad run.
 
     A finished run is not trained again; a run whose config or data is bad gets its failed result alone;
-    the rest train in groups of one fusion key and device (a run alone in its group trains unfused). A crash in a
+    the rest train in groups of one fusion key (a run alone in its group trains unfused). A crash in a
     group's training is every member's failed result; a full disk stops the job (DISK_FULL_EXIT), to resume later.
     """
     results: dict[Path, dict[str, Any]] = {}
-    ready: dict[tuple, list[tuple[Path, DictConfig, Batches, torch.device]]] = {}
+    ready: dict[str | None, list[tuple[Path, DictConfig, Batches, torch.device]]] = {}
     loaded: dict[str, Batches] = {}
     for run_dir in map(Path, run_dirs):
         try:
@@ -310,8 +311,8 @@ def train_group(run_dirs: list[Path], *, sweep: str | None) -> list[dict[str, An
         except HptError as err:
             results[run_dir] = _failed(run_dir, None, err, sweep, SINGLE)
             continue
-        key = (fusion_key(OmegaConf.to_container(cfg)), str(device))
-        ready.setdefault(key, []).append((run_dir, cfg, batches, device))
+        # train.device is in the key: a group's copies share a device
+        ready.setdefault(fusion_key(OmegaConf.to_container(cfg)), []).append((run_dir, cfg, batches, device))
     with _exit_on_full_disk():
         for group in ready.values():
             if len(group) == 1:

@@ -57,11 +57,11 @@ Mult = float | torch.Tensor  # a forward multiplier: a constant, or in a fused g
 
 
 def scaled(y: torch.Tensor, mult: Mult) -> torch.Tensor:
-    """y times a forward multiplier; per copy, along y's leading copy dimension and computed as a constant is
-    (in fp32 for bf16 or fp32 y, rounded to y's dtype), so each copy's product is its unfused run's."""
+    """y times a forward multiplier; per copy (in the parameters' dtype, fp32 or fp64) along y's leading copy
+    dimension, computed as a constant is (bf16 y in fp32, rounded back), so each copy's product is its unfused
+    run's."""
     if isinstance(mult, torch.Tensor):
-        m = mult.to(torch.promote_types(y.dtype, torch.float32)).view(-1, *[1] * (y.dim() - 1))
-        return (y * m).to(y.dtype)
+        return (y * mult.view(-1, *[1] * (y.dim() - 1))).to(y.dtype)
     return y if mult == 1.0 else y * mult
 
 
@@ -120,7 +120,8 @@ class Attention(nn.Module):
     def __init__(self, d: Dims, mults: dict[str, float], scale: float):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = d.n_heads, d.n_kv_heads, d.head_dim
-        self.scale: float | tuple[float, ...] = scale  # in a fused group of several scales: one per copy
+        # in a fused group of several scales: each scale -> its copies' indices, (n,)
+        self.scale: float | dict[float, torch.Tensor] = scale
         self.q = Linear(d.width, d.n_heads * d.head_dim, mults.get("q", 1.0))
         self.k = Linear(d.width, d.n_kv_heads * d.head_dim, mults.get("k", 1.0))
         self.v = Linear(d.width, d.n_kv_heads * d.head_dim, mults.get("v", 1.0))
@@ -143,13 +144,12 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                   enable_gqa=self.n_kv != self.n_head)
 
-        if not isinstance(self.scale, tuple):
+        if not isinstance(self.scale, dict):
             return sdpa(q, k, v, self.scale)
-        n = len(self.scale)
+        n = sum(len(idx) for idx in self.scale.values())
         qs, ks, vs = (t.view(n, -1, *t.shape[1:]) for t in (q, k, v))  # (N, B, H, T, D)
         y = torch.empty_like(qs)
-        for scale in sorted(set(self.scale)):
-            idx = torch.tensor([i for i, s in enumerate(self.scale) if s == scale], device=q.device)
+        for scale, idx in self.scale.items():
             y[idx] = sdpa(*(t[idx].flatten(0, 1) for t in (qs, ks, vs)), scale).view(len(idx), *qs.shape[1:])
         return y.flatten(0, 1)
 

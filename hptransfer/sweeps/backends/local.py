@@ -346,32 +346,30 @@ class LocalScheduler:
         task = slot.task
         duration = (time.time() - slot.started) / len(task.run_ids)  # a slot's time per run: what ETAs divide
         records = []
+
+        def cancel(s: RunState, reason: str) -> None:  # no result, not the run's fault: launchable again
+            s.state, s.reason = "cancelled", reason
+            records.append({"event": "cancelled", "run_id": s.run_id, "executor": "local", "job_id": s.job_id,
+                            "reason": reason, "at": now()})
+
         for rid in task.run_ids:
             s, run_dir = self.by_id[rid], self.folder.run_dir(rid)
             remove_strays(run_dir, slot.proc.pid)
             result, why = read_result(run_dir)
-            if result is None and stopped is not None:
+            if result is None and stopped is not None:  # said once for all by whoever stopped the sweep
                 self._note(slot, rid, f"[hpt] attempt cancelled: {stopped}\n")
-                s.state, s.reason = "cancelled", stopped
-                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
-                                "reason": stopped, "at": now()})
-                self.progress.running.pop(rid, None)
-                continue  # said once for all by whoever stopped the sweep
+                cancel(s, stopped)
             # The disk's fault, not the run's (said by the job, or any exit without a result once the disk is
             # known full): cancelled, to be resumed by the same command.
-            if result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
+            elif result is None and (code == DISK_FULL_EXIT or (self.disk_full is not None and (code or 0) > 0)):
                 self._note(slot, rid, f"[hpt] attempt {s.attempts} stopped: disk full; the same command resumes it\n")
                 self._full(run_dir)
                 self.stopped_by_disk += 1
-                s.state, s.reason = "cancelled", "disk full"
-                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
-                                "reason": "disk full", "at": now()})
+                cancel(s, "disk full")
             elif result is None and task.position(rid) > 0 and _empty(slot.logs[rid]):
                 # A packed run its task never reached (its process died first): free to launch again.
                 slot.logs[rid].unlink(missing_ok=True)
-                s.state, s.reason = "cancelled", f"its task's process ended before reaching it ({exit_reason(code)})"
-                records.append({"event": "cancelled", "run_id": rid, "executor": "local", "job_id": s.job_id,
-                                "reason": s.reason, "at": now()})
+                cancel(s, f"its task's process ended before reaching it ({exit_reason(code)})")
             else:
                 if result is None:  # say in the log itself why it stopped: `hpt status` shows its tail
                     self._note(slot, rid, f"[hpt] attempt {s.attempts} {why or exit_reason(code)}\n")
